@@ -1,0 +1,130 @@
+"""`create_app(settings)`: the FastAPI application. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.engine import Engine
+from service.metrics import Metrics
+from service.registry import Registry
+from service.routes import router
+from service.schemas import REQUESTS
+from service.settings import Settings
+from service.state import State
+
+log = logging.getLogger("gradserve")
+
+BUILTIN_MODELS = "service.models.cookbook"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def build_state(settings: Settings, metrics: Metrics) -> State:
+    """Configure JAX, load the models and start the engine (blocking: JAX work)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", settings.x64)
+    registry = Registry()
+    for source in ([BUILTIN_MODELS] if settings.builtin_models else []) + settings.models:
+        loaded = registry.load(source)
+        log.info("loaded %d model(s) from %s", len(loaded), source)
+    return State(settings, registry, Engine(registry, settings, metrics), metrics)
+
+
+class RequestContext:
+    """Outermost layer: request id, request metrics, and a clean 500 for any bug below.
+
+    Pure ASGI rather than BaseHTTPMiddleware, which costs a task and a stream per request.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started, status = True, message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if not response_started:
+                await errors.internal_error(request_id)(scope, receive, send_with_id)
+        finally:
+            model, op = scope.get("gradserve.labels", ("-", "other"))
+            self.metrics.requests.labels(model, op, str(status)).inc()
+            self.metrics.latency.labels(model, op).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; its lifespan loads models and starts the engine."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await run_in_threadpool(build_state, settings, metrics)
+        app.state.gradserve = state
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.engine.close()
+
+    app = FastAPI(
+        title="gradserve",
+        version="1",
+        summary="Remote derivatives of JAX models: grad, jacobians, hessians, jvp, vjp, hvp.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(router)
+    app.add_middleware(RequestContext, metrics=metrics)
+    _document_request_bodies(app)
+    return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Op routes read raw bodies (JSON or npz); publish their JSON schemas for `/docs`."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        _, defs = models_json_schema(
+            [(m, "validation") for m in REQUESTS.values()],
+            ref_template="#/components/schemas/{model}",
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

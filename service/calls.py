@@ -1,0 +1,153 @@
+"""A request document -> a `Call`: decoded, canonicalised, checked inputs and the program to run.
+
+Host-side only (numpy and pydantic, no JAX tracing), so it is cheap and safe to run anywhere;
+everything that needs a trace (output shapes, cotangent checks) happens in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from client.errors import InvalidInput
+from client.specs import ArraySpec, canonical_dtype, check_args, dtype_name
+from client.wire import decode_tree
+from service.registry import Model
+from service.schemas import OP_OPTIONS, REQUESTS
+from service.settings import Settings
+from service.transforms import Program, Transform, build_program
+
+
+@dataclass(frozen=True)
+class Call:
+    """One unit of work for the engine."""
+
+    model: Model
+    op: str
+    program: Program
+    args: tuple
+    extra: Any  # tangents (tuple), cotangent (tree) or None
+    binary: bool = False
+
+    @property
+    def batch_size(self) -> int | None:
+        """B of batched tangents/cotangents (None when not batched)."""
+        if not self.program.batched:
+            return None
+        leaves = leaves(self.extra)
+        return int(leaves[0].shape[0]) if leaves else None
+
+
+def leaves(tree: Any) -> list[np.ndarray]:
+    """Array leaves of a decoded tree, in document order."""
+    if isinstance(tree, Mapping):
+        return [x for v in tree.values() for x in leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in leaves(v)]
+    return [] if tree is None else [tree]
+
+
+def _map(fn: Any, tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return None if tree is None else fn(tree)
+
+
+def _validation_error(e: ValidationError) -> InvalidInput:
+    errors = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in e.errors()]
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return InvalidInput(f"{where}: {first['msg']}", code="invalid_request", errors=errors)
+
+
+def _aval_spec(args: Any, batched: bool) -> Any:
+    """The spec tangents must follow: each primal's shape and dtype (plus a batch axis)."""
+
+    def leaf(x: np.ndarray) -> ArraySpec:
+        shape = (None, *x.shape) if batched else x.shape
+        return ArraySpec(tuple(shape), dtype_name(x.dtype))
+
+    return _map(leaf, args)
+
+
+def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
+    """Validate and decode a request document for `op` on `model`."""
+    if not isinstance(doc, Mapping):
+        raise InvalidInput("the request body must be a JSON object", code="invalid_request")
+    try:
+        request = REQUESTS[op].model_validate(doc)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+    default = np.float64 if settings.x64 else np.float32
+    specs = model.spec.inputs
+
+    def canonical(x: np.ndarray) -> np.ndarray:
+        return x.astype(canonical_dtype(x.dtype, settings.x64), copy=False)
+
+    def decode(values: list, spec_list: Any, field: str) -> tuple:
+        return tuple(
+            _map(
+                canonical,
+                decode_tree(
+                    v,
+                    spec_list[i] if spec_list is not None and i < len(spec_list) else None,
+                    default_dtype=default,
+                    loc=(field, i),
+                ),
+            )
+            for i, v in enumerate(values)
+        )
+
+    args = decode(request.args, specs, "args")
+    check_args(model.name, specs, args)
+
+    chain = [Transform.of(t.op, **t.options()) for t in getattr(request, "transforms", [])]
+    options = {k: getattr(request, k) for k in OP_OPTIONS if k in type(request).model_fields}
+    program = build_program(op, options, chain)
+    depth = len(program.transforms) + (program.apply != "eval")
+    if depth > settings.max_transform_depth:
+        raise InvalidInput(
+            f"{depth} nested transforms; the server allows at most {settings.max_transform_depth}",
+            code="transform_depth",
+            loc=("transforms",),
+        )
+
+    extra: Any = None
+    if op in ("jvp", "hvp"):
+        tangent_specs = list(_aval_spec(args, program.batched))
+        extra = decode(request.tangents, tangent_specs, "tangents")
+        _check_tangents(model.name, tangent_specs, args, extra, program.batched)
+    elif op == "vjp":
+        extra = _map(canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",)))
+        _check_batch(model.name, leaves(extra), "cotangent", program.batched)
+    return Call(model, op, program, args, extra, request.binary)
+
+
+def _check_tangents(model: str, specs: list, args: tuple, tangents: tuple, batched: bool) -> None:
+    # Integer primals take float0 tangents, which no client can send: skip their dtype check.
+    relaxed = [
+        _map(lambda s: s if np.dtype(s.dtype).kind in "fc" else ArraySpec(s.shape), spec)
+        for spec in specs
+    ]
+    check_args(model, relaxed, tangents, what="tangent")
+    _check_batch(model, leaves(tangents), "tangents", batched)
+
+
+def _check_batch(model: str, leaves: list[np.ndarray], field: str, batched: bool) -> None:
+    if not batched:
+        return
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise InvalidInput(
+            f"batched {field} of '{model}' need one leading batch axis of the same size on "
+            f"every leaf; got leading sizes {sorted(map(str, sizes))}",
+            code="batch_mismatch",
+            loc=(field,),
+        )

@@ -1,0 +1,66 @@
+"""`gradserve serve ...`: run the server with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradserve", description="Remote JAX derivatives over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the registered models")
+    serve.add_argument("--host", help="address to bind (env GRADSERVE_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env GRADSERVE_PORT; default 8000)")
+    serve.add_argument(
+        "--models",
+        nargs="+",
+        metavar="FILE_OR_MODULE",
+        help="extra model files or modules (env GRADSERVE_MODELS, comma-separated)",
+    )
+    serve.add_argument(
+        "--no-builtin-models", action="store_true", help="serve only the models given by --models"
+    )
+    serve.add_argument("--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)")
+    serve.add_argument("--log-level", help="uvicorn log level (default info)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment first, then every flag that was given overrides it."""
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "models": args.models,
+        "x64": args.x64,
+        "log_level": args.log_level,
+        "builtin_models": False if args.no_builtin_models else None,
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""problem+json (RFC 9457) for every error the server answers with.
+
+Errors are the shared `client.errors` classes, so a `code` means the same on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.errors import APIError, ServerError, error_class
+from client.wire import PROBLEM_JSON, dumps
+
+log = logging.getLogger("gradserve")
+
+_CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def problem_response(error: APIError, request_id: str | None) -> Response:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": type(error).title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+        "request_id": request_id,
+    }
+    if error.errors:
+        body["errors"] = error.errors
+    headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+    return Response(dumps(body), error.status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def internal_error(request_id: str | None) -> Response:
+    """A bug: the client gets the request id to report and nothing of the server's internals."""
+    return problem_response(
+        ServerError(f"internal error; quote request id {request_id} when reporting it"),
+        request_id,
+    )
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def install(app: FastAPI) -> None:
+    """Route every raised error through `problem_response`."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return problem_response(exc, request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        cls = error_class(exc.status_code)
+        code = _CODE_BY_STATUS.get(exc.status_code, cls.code_default)
+        error = cls(str(exc.detail), code=code, status=exc.status_code, headers=exc.headers)
+        return problem_response(error, request_id_of(request))
