@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from service.ray_serve import add_ray_arguments, ray_options
 from service.settings import Settings
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)")
     serve.add_argument("--log-level", help="uvicorn log level (default info)")
+    add_ray_arguments(serve)
     return parser
 
 
@@ -47,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    if (ray := ray_options(args)) is not None:
+        from service.ray_serve import serve_on_ray
+
+        return serve_on_ray(settings, ray)
 
     import uvicorn
 

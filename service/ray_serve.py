@@ -1,0 +1,285 @@
+"""`gradserve serve --ray`: the same FastAPI app, replicated by Ray Serve.
+
+Each replica builds its own copy of the app from the driver's settings, so it has its own models,
+engine and compile cache, exactly as one `gradserve serve` process would; Ray's HTTP proxy
+spreads requests over the replicas. Every response names its replica in `X-Gradserve-Replica`.
+
+Ray is imported only inside the functions that need it: the server runs without the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger("gradserve")
+
+APP_NAME = "gradserve"
+REPLICA_HEADER = "X-Gradserve-Replica"
+# Ray's default (5) would queue requests at the proxy that the engine could have batched; the
+# engine's own queue limit answers 429 when a replica is really full.
+MAX_ONGOING_REQUESTS = 64
+# Headroom left to the CUDA context and XLA's own buffers when the memory fraction is derived.
+GPU_MEMORY_HEADROOM = 0.9
+
+RAY_FLAGS = (
+    "address",
+    "replicas",
+    "autoscale",
+    "gpus_per_replica",
+    "cpus_per_replica",
+    "gpu_mem_fraction",
+)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to deploy on Ray: where, how many replicas, and what each one gets."""
+
+    address: str | None = None
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    # A fraction of a device's memory that each replica preallocates, "auto" for its share of
+    # the GPU, or None: no preallocation.
+    gpu_mem_fraction: float | str | None = None
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN:MAX with 0 <= MIN <= MAX, 1 <= MAX; got {text!r}"
+        )
+    return bounds
+
+
+def _mem_fraction(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a fraction in (0, 1]; got {text!r}")
+    return value
+
+
+def add_ray_arguments(serve: argparse.ArgumentParser) -> None:
+    """The `--ray` flags of `gradserve serve`, kept beside the code that reads them."""
+    group = serve.add_argument_group(
+        "Ray Serve", "scale out over a Ray cluster (needs the `ray` extra)"
+    )
+    group.add_argument(
+        "--ray", action="store_true", help="deploy the app on Ray Serve, one copy per replica"
+    )
+    group.add_argument(
+        "--address", help="Ray cluster to join, e.g. 'auto' (default: start a local Ray)"
+    )
+    group.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    group.add_argument(
+        "--autoscale",
+        type=_autoscale,
+        metavar="MIN:MAX",
+        help="let Ray scale the replicas between MIN and MAX instead of --replicas",
+    )
+    group.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        metavar="F",
+        help="GPUs per replica; 0.5 puts two on a GPU",
+    )
+    group.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        metavar="F",
+        help="CPUs Ray reserves per replica (default 1)",
+    )
+    group.add_argument(
+        "--gpu-mem-fraction",
+        type=_mem_fraction,
+        metavar="F|auto",
+        help="GPU memory each replica preallocates; 'auto': its share of the GPU "
+        "(default: no preallocation, memory grows on demand)",
+    )
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The options for `--ray`, or None without it. Ray flags without `--ray` are a mistake."""
+    given = {
+        name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name, None) is not None
+    }
+    if not getattr(args, "ray", False):
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise SystemExit(f"gradserve: {flags} only apply with --ray")
+        return None
+    if "replicas" in given and "autoscale" in given:
+        raise SystemExit("gradserve: give --replicas or --autoscale, not both")
+    if given.get("replicas", 1) < 1:
+        raise SystemExit("gradserve: --replicas must be at least 1")
+    if given.get("gpu_mem_fraction") == "auto" and not given.get("gpus_per_replica"):
+        raise SystemExit("gradserve: --gpu-mem-fraction auto needs --gpus-per-replica")
+    if given.get("gpus_per_replica", 0) < 0 or given.get("cpus_per_replica", 1) < 0:
+        raise SystemExit(
+            "gradserve: --gpus-per-replica and --cpus-per-replica must not be negative"
+        )
+    return RayOptions(**given)
+
+
+def replica_env(options: RayOptions, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of each replica: JAX's device and GPU memory settings.
+
+    JAX preallocates 75% of a GPU when it starts, so a second replica on the same GPU would run
+    out of memory: replicas either grow on demand or take a fixed fraction. The operator's own
+    `XLA_PYTHON_CLIENT_*` and `JAX_PLATFORMS` variables win over the defaults, a flag over both.
+    """
+    env = {
+        k: v
+        for k, v in environ.items()
+        if k.startswith("XLA_PYTHON_CLIENT_") or k == "JAX_PLATFORMS"
+    }
+    if not options.gpus_per_replica:
+        # A replica that Ray gave no GPU must not take one from a replica that it did.
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    fraction = options.gpu_mem_fraction
+    if fraction == "auto":
+        fraction = GPU_MEMORY_HEADROOM * min(options.gpus_per_replica, 1.0)
+    if fraction is not None:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.3g}"
+    elif not any(k.startswith("XLA_PYTHON_CLIENT_") for k in env):
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
+class ReplicaHeader:
+    """Names the replica in every response; pure ASGI, like `RequestContext`."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app, self.name = app, name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REPLICA_HEADER] = self.name
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+def replica_name() -> str:
+    """This replica's id as Ray knows it (in `serve status` and the replica's logs)."""
+    from ray import serve
+
+    context = serve.get_replica_context()
+    return f"{context.deployment}#{context.replica_id.unique_id}"
+
+
+def app_builder(settings: Settings) -> Callable[[], FastAPI]:
+    """What each replica calls at start-up: the ordinary app, plus the replica header."""
+
+    def build() -> FastAPI:
+        from service.app import create_app
+
+        app = create_app(settings)
+        app.add_middleware(ReplicaHeader, name=replica_name())
+        return app
+
+    return build
+
+
+def deployment_options(
+    options: RayOptions, environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """Keyword arguments of `serve.deployment`: replicas, resources, environment."""
+    scale: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        scale = {
+            "autoscaling_config": {
+                "min_replicas": low,
+                "initial_replicas": max(low, 1),
+                "max_replicas": high,
+            }
+        }
+    return {
+        "name": APP_NAME,
+        **scale,
+        "max_ongoing_requests": MAX_ONGOING_REQUESTS,
+        "ray_actor_options": {
+            "num_cpus": options.cpus_per_replica,
+            "num_gpus": options.gpus_per_replica,
+            "runtime_env": {"env_vars": replica_env(options, environ)},
+        },
+    }
+
+
+def deploy(settings: Settings, options: RayOptions) -> None:
+    """Start Serve's HTTP proxy on `settings.host:port` and run the app; returns once it serves.
+
+    Needs a connected Ray (`ray.init`). On a cluster where Serve already runs, Serve keeps the
+    proxy address it has.
+    """
+    from ray import serve
+
+    ingress = serve.ingress(app_builder(settings))
+
+    @serve.deployment(**deployment_options(options))
+    @ingress
+    class Gradserve:
+        """One replica: a whole gradserve app (models, engine, compile cache)."""
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(Gradserve.bind(), name=APP_NAME, route_prefix="/")
+    log.info("gradserve on Ray Serve at http://%s:%d", settings.host, settings.port)
+
+
+def serve_on_ray(settings: Settings, options: RayOptions) -> int:
+    """`gradserve serve --ray`: deploy, serve until SIGINT or SIGTERM, then remove the app.
+
+    Without `--address` Ray starts here and stops on exit; on a cluster only the app is removed.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("gradserve: --ray needs Ray Serve: pip install 'gradserve[ray]'") from None
+    from ray import serve
+
+    ray.init(address=options.address)
+    try:
+        deploy(settings, options)
+        # After ray.init, which installs its own SIGTERM handler (sys.exit, skipping the clean-up).
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
+        log.info("removing the gradserve app from Ray Serve")
+        serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+    return 0
