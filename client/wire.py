@@ -210,7 +210,7 @@ def _is_plain_array(obj: list) -> bool:
     # Looking down the first elements is enough: np.asarray refuses the ragged or mixed rest.
     while isinstance(obj, list) and obj:
         obj = obj[0]
-    return not isinstance(obj, (Mapping, type(None)))
+    return not isinstance(obj, (Mapping, np.ndarray, type(None)))
 
 
 def decode_tree(

@@ -116,10 +116,9 @@ class Engine:
         t0 = time.perf_counter()
         fn = program_function(model.bound(), call.program, model.name)
         try:
-            out = jax.eval_shape(fn, params, args, extra)
-            self._check_output_size(call, out)
             if call.op == "vjp":
                 self._check_cotangent(call, params, args)
+            self._check_output_size(call, jax.eval_shape(fn, params, args, extra))
             compiled = jax.jit(fn).lower(params, args, extra).compile()
         except APIError:
             raise

@@ -113,7 +113,8 @@ def _argnums(t: Transform, nargs: int, where: str) -> tuple[int, ...]:
     for n in nums:
         if not -nargs <= n < nargs:
             raise InvalidInput(
-                f"{where}: argnums {n} is out of range; it takes {nargs} positional argument(s)",
+                f"{t.op} of {where}: argnums {n} is out of range; it takes {nargs} "
+                "positional argument(s)",
                 code="argnums_out_of_range",
                 loc=("argnums",),
             )

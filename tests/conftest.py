@@ -65,7 +65,8 @@ def app_client() -> Iterator:
 
     from service import Settings, create_app
 
-    with TestClient(create_app(Settings())) as client:
+    settings = Settings(models=[str(ROOT / "examples" / "models.py")])
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

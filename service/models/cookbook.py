@@ -152,3 +152,27 @@ def mlp(params: Any, x: jax.Array) -> jax.Array:
 def mlp_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(mlp_apply(params, x))
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+@model(
+    "piecewise",
+    inputs=[((), "float32")],
+    output=((), "float32"),
+    description="2x**3 below 3, pi*x from 3 on: the seed's try/except function (In[27]) "
+    "written with jnp.where, since Python control flow on traced values cannot be jit-compiled",
+)
+def piecewise(x: jax.Array) -> jax.Array:
+    return jnp.where(x < 3, 2 * x**3, jnp.pi * x)
+
+
+@model(
+    "complex_linear",
+    inputs=[((4,), "float32"), ((), "complex64")],
+    output=((), "complex64"),
+    description="u(x, y) + i v(x, y) with u = a x + b y, v = c x + d y and coeffs = (a, b, c, d): "
+    "the seed's complex jvp/vjp checks (In[30], In[31]) with their random coefficients as input",
+)
+def complex_linear(coeffs: jax.Array, z: jax.Array) -> jax.Array:
+    a, b, c, d = coeffs
+    x, y = jnp.real(z), jnp.imag(z)
+    return (a * x + b * y) + (c * x + d * y) * 1j

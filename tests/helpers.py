@@ -1,0 +1,62 @@
+"""Posting ops to the server in JSON or npz and reading the answer back as numpy trees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from client import wire
+
+ENCODINGS = ("json", "npz")
+
+
+def to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, tree)
+
+
+def request_body(encoding: str, fields: dict[str, Any]) -> tuple[bytes, str]:
+    """Arrays in `fields` go out as explicit JSON leaves, or as npz members."""
+    # Only these fields hold arrays; the rest (argnums, mode, transforms...) are plain JSON.
+    arrays = {k: v for k, v in fields.items() if k in _ARRAY_FIELDS}
+    options = {k: v for k, v in fields.items() if k not in _ARRAY_FIELDS}
+    if encoding == "npz":
+        return wire.dump_npz(wire.npz_ready(arrays) | options), wire.NPZ
+    return wire.dumps(wire.encode_tree(arrays) | options), wire.JSON
+
+
+_ARRAY_FIELDS = ("args", "tangents", "cotangent")
+
+
+def post(client: Any, model: str, op: str, encoding: str = "json", **fields: Any) -> dict[str, Any]:
+    """POST an op and return its decoded response fields; fails the test on an error status."""
+    response = post_raw(client, model, op, encoding, **fields)
+    assert response.status_code == 200, response.text
+    return decode(response)
+
+
+def post_raw(client: Any, model: str, op: str, encoding: str = "json", **fields: Any) -> Any:
+    body, media = request_body(encoding, fields)
+    return client.post(f"/v1/models/{model}/{op}", content=body, headers={"content-type": media})
+
+
+def decode(response: Any) -> dict[str, Any]:
+    media = response.headers["content-type"].split(";")[0]
+    doc = wire.load_npz(response.content) if media == wire.NPZ else wire.loads(response.content)
+    return {k: wire.decode_tree(v) for k, v in doc.items()}
+
+
+def assert_tree_equal(got: Any, want: Any, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same structure (lists for tuples), same dtypes and shapes, and equal or allclose values."""
+    got_leaves, got_def = jax.tree.flatten(got)
+    want_leaves, want_def = jax.tree.flatten(to_numpy(want))
+    assert len(got_leaves) == len(want_leaves), (got_def, want_def)
+    for g, w in zip(got_leaves, want_leaves):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype, (g.dtype, w.dtype)
+        assert g.shape == w.shape, (g.shape, w.shape)
+        if exact:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
