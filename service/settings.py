@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -32,6 +32,23 @@ class Settings(BaseSettings):
     max_transform_depth: int = 8
     max_output_elements: int = 2**27
     request_timeout_s: float = 60.0
+    # Counted from the body's bytes before parsing (service/limits.py): 413.
+    max_json_depth: int = Field(64, ge=2, le=1000)
+    max_json_elements: int = 2**22
+    max_batch_tangents: int = 1024
+    # New (uncached) argument shapes a model may take per minute; each costs a compile: 429.
+    max_shapes_per_minute: int = 60
+
+    # Authentication (service/auth.py). Keys are `key[:scope+scope]`, comma-separated; the file
+    # holds sha256 hashes. With neither, only loopback binds are allowed unless `insecure`.
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    insecure: bool = False
+
+    # SIGTERM: readyz 503 and new work refused for `shutdown_drain_s` (so load balancers
+    # notice), then stop accepting and give in-flight work `shutdown_grace_s` to finish.
+    shutdown_drain_s: float = Field(1.0, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     @field_validator("models", mode="before")
     @classmethod
