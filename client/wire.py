@@ -19,7 +19,7 @@ import io
 import json
 import math
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -310,7 +310,11 @@ def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
 
 
 def load_npz(
-    body: bytes, *, max_members: int = 1024, max_bytes: int = 2**31
+    body: bytes,
+    *,
+    max_members: int = 1024,
+    max_bytes: int = 2**31,
+    check_json: Callable[[bytes], None] | None = None,
 ) -> Any:
     """npz body -> document with its `{"$npz": name}` leaves replaced by ndarrays.
 
@@ -340,7 +344,10 @@ def load_npz(
         arrays[name] = _read_member(zf, info, name)
     if _JSON_MEMBER not in arrays:
         raise _bad("npz has no __json__ member", code="invalid_npz")
-    doc = loads(arrays.pop(_JSON_MEMBER).tobytes())
+    text = arrays.pop(_JSON_MEMBER).tobytes()
+    if check_json is not None:  # the server's depth and element limits, before parsing
+        check_json(text)
+    doc = loads(text)
     return _resolve(doc, arrays)
 
 

@@ -16,8 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
+from service import auth, errors
 from service.engine import Engine
+from service.limits import ShapeBudget
 from service.metrics import Metrics
 from service.registry import Registry
 from service.routes import router
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(router)
+    app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
+    auth.install(app, settings)  # inside RequestContext: refusals get request ids and metrics
     app.add_middleware(RequestContext, metrics=metrics)
     _document_request_bodies(app)
     return app

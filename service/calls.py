@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from client.errors import InvalidInput
 from client.specs import ArraySpec, canonical_dtype, check_args, dtype_name
 from client.wire import decode_tree
+from service import limits
 from service.registry import Model
 from service.schemas import OP_OPTIONS, REQUESTS
 from service.settings import Settings
@@ -38,8 +39,8 @@ class Call:
         """B of batched tangents/cotangents (None when not batched)."""
         if not self.program.batched:
             return None
-        leaves = leaves(self.extra)
-        return int(leaves[0].shape[0]) if leaves else None
+        found = leaves(self.extra)
+        return int(found[0].shape[0]) if found else None
 
 
 def leaves(tree: Any) -> list[np.ndarray]:
@@ -127,7 +128,9 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     elif op == "vjp":
         extra = _map(canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",)))
         _check_batch(model.name, leaves(extra), "cotangent", program.batched)
-    return Call(model, op, program, args, extra, request.binary)
+    call = Call(model, op, program, args, extra, request.binary)
+    limits.check_batch(call, settings)
+    return call
 
 
 def _check_tangents(model: str, specs: list, args: tuple, tangents: tuple, batched: bool) -> None:

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from client import wire
 from client.errors import InvalidInput, NotAcceptable, PayloadTooLarge
+from service import limits
 from service.settings import Settings
 
 MEDIA_TYPES = (wire.JSON, wire.NPZ)
@@ -85,10 +86,19 @@ def _too_large(size: int, limit: int) -> PayloadTooLarge:
 
 
 def decode_body(body: bytes, media: str, settings: Settings) -> Any:
+    def check_json(text: bytes) -> None:
+        limits.scan_json(
+            text, max_depth=settings.max_json_depth, max_elements=settings.max_json_elements
+        )
+
     if media == wire.NPZ:
         return wire.load_npz(
-            body, max_members=settings.max_npz_members, max_bytes=settings.max_body_bytes * 4
+            body,
+            max_members=settings.max_npz_members,
+            max_bytes=settings.max_body_bytes * 4,
+            check_json=check_json,
         )
+    check_json(body)
     return wire.loads(body)
 
 

@@ -79,6 +79,7 @@ async def compute(request: Request, name: str, op: str) -> Response:
         return prepare(model, op, codec.decode_body(body, media, settings), settings)
 
     call = decode() if len(body) < _INLINE_BYTES else await run_in_threadpool(decode)
+    request.app.state.shape_budget.admit(call)  # 429 before a compile storm reaches a device
     decoded = time.perf_counter()
     outcome = await state.engine.run(call)
     fields = package(call.op, call.program, outcome.value)
