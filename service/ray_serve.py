@@ -43,6 +43,7 @@ RAY_FLAGS = (
     "gpus_per_replica",
     "cpus_per_replica",
     "gpu_mem_fraction",
+    "num_cpus",
 )
 
 
@@ -58,6 +59,8 @@ class RayOptions:
     # A fraction of a device's memory that each replica preallocates, "auto" for its share of
     # the GPU, or None: no preallocation.
     gpu_mem_fraction: float | str | None = None
+    # CPUs of the Ray started here (no `address`); None: all of them.
+    num_cpus: int | None = None
 
 
 def _autoscale(text: str) -> tuple[int, int]:
@@ -122,6 +125,12 @@ def add_ray_arguments(serve: argparse.ArgumentParser) -> None:
         help="GPU memory each replica preallocates; 'auto': its share of the GPU "
         "(default: no preallocation, memory grows on demand)",
     )
+    group.add_argument(
+        "--num-cpus",
+        type=int,
+        metavar="N",
+        help="CPUs of the local Ray started without --address (default: all)",
+    )
 
 
 def ray_options(args: argparse.Namespace) -> RayOptions | None:
@@ -140,6 +149,8 @@ def ray_options(args: argparse.Namespace) -> RayOptions | None:
         raise SystemExit("gradserve: --replicas must be at least 1")
     if given.get("gpu_mem_fraction") == "auto" and not given.get("gpus_per_replica"):
         raise SystemExit("gradserve: --gpu-mem-fraction auto needs --gpus-per-replica")
+    if "num_cpus" in given and "address" in given:
+        raise SystemExit("gradserve: --num-cpus is for the local Ray; a cluster has its own")
     if given.get("gpus_per_replica", 0) < 0 or given.get("cpus_per_replica", 1) < 0:
         raise SystemExit(
             "gradserve: --gpus-per-replica and --cpus-per-replica must not be negative"
@@ -262,15 +273,20 @@ def deploy(settings: Settings, options: RayOptions) -> None:
 def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     """`gradserve serve --ray`: deploy, serve until SIGINT or SIGTERM, then remove the app.
 
-    Without `--address` Ray starts here and stops on exit; on a cluster only the app is removed.
+    Without `--address` Ray starts here, reachable from this machine only, and stops on exit; on
+    a cluster only the app is removed.
     """
+    if options.address is None:
+        # Ray otherwise gives a local node the machine's network address and its internal
+        # servers listen on every interface; this keeps them on loopback. Read at Ray's import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
         raise SystemExit("gradserve: --ray needs Ray Serve: pip install 'gradserve[ray]'") from None
     from ray import serve
 
-    ray.init(address=options.address)
+    ray.init(address=options.address, num_cpus=options.num_cpus)
     try:
         deploy(settings, options)
         # After ray.init, which installs its own SIGTERM handler (sys.exit, skipping the clean-up).

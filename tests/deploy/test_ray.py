@@ -1,0 +1,110 @@
+"""`gradserve serve --ray`: two replicas behind Ray Serve's HTTP proxy on 127.0.0.1.
+
+The real CLI in a subprocess starts a local Ray (2 CPUs, loopback only), deploys, and on SIGTERM
+removes the app and stops Ray. Answers must equal local JAX, and both replicas must serve.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, free_port
+
+from client import wire
+from service.models import cookbook as cb
+from service.ray_serve import REPLICA_HEADER
+
+pytest.importorskip("ray.serve", reason="needs the `ray` extra")
+
+STARTUP_S = 150
+
+
+@pytest.fixture(scope="module")
+def ray_server() -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "serve", "--ray", "--replicas", "2", "--num-cpus", "2"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    # No keys: the server may then bind loopback only, which is all this test needs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSERVE_")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url)
+        yield url
+    finally:
+        output = _stop(proc)
+    assert proc.returncode == 0, output[-3000:]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gradserve --ray exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("gradserve --ray did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """SIGTERM: the CLI deletes the app and shuts its Ray down, then exits 0."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stdout.read()
+
+
+def _grad(url: str, W: np.ndarray, b: np.ndarray) -> tuple[str, list[np.ndarray]]:
+    body = wire.dumps({"args": wire.encode_tree([W, b]), "argnums": [0, 1]})
+    response = httpx.post(
+        f"{url}/v1/models/logistic_loss/grad",
+        content=body,
+        headers={"content-type": wire.JSON},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.headers[REPLICA_HEADER], wire.decode_tree(wire.loads(response.content)["grad"])
+
+
+def test_two_replicas_answer_like_local_jax(ray_server: str) -> None:
+    rng = np.random.default_rng(0)
+    inputs = [(rng.normal(size=3).astype(np.float32), np.float32(rng.normal())) for _ in range(24)]
+    # Concurrent requests, so the proxy has reason to use both replicas.
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda wb: _grad(ray_server, *wb), inputs))
+
+    want_fn = jax.jit(jax.grad(cb.logistic_loss, argnums=(0, 1)))
+    for (W, b), (_, got) in zip(inputs, results, strict=True):
+        want = want_fn(W, b)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    replicas = {replica for replica, _ in results}
+    assert len(replicas) == 2, replicas
+
+
+def test_every_response_names_its_replica(ray_server: str) -> None:
+    for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/nope"):
+        response = httpx.get(ray_server + path, timeout=10)
+        assert response.headers[REPLICA_HEADER].startswith("gradserve#"), path
