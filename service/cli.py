@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from service.auth import KeyRing, add_hash_key_command, bind_refusal, hash_key_main
 from service.ray_serve import add_ray_arguments, ray_options
 from service.settings import Settings
 
@@ -28,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)")
     serve.add_argument("--log-level", help="uvicorn log level (default info)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without API keys (GRADSERVE_INSECURE; see SECURITY.md)",
+    )
     add_ray_arguments(serve)
+    add_hash_key_command(commands)
     return parser
 
 
@@ -41,32 +48,36 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "x64": args.x64,
         "log_level": args.log_level,
         "builtin_models": False if args.no_builtin_models else None,
+        "insecure": True if args.insecure else None,
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "hash-key":
+        return hash_key_main(args)
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        keyring = KeyRing.from_settings(settings)
+    except (OSError, ValueError) as e:
+        print(f"gradserve: bad API key configuration: {e}", file=sys.stderr)
+        return 2
+    if refusal := bind_refusal(settings, keyring):
+        print(refusal, file=sys.stderr)
+        return 2
 
     if (ray := ray_options(args)) is not None:
         from service.ray_serve import serve_on_ray
 
         return serve_on_ray(settings, ray)
 
-    import uvicorn
-
     from service.app import create_app
+    from service.shutdown import serve
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+    return serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":
