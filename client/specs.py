@@ -168,7 +168,7 @@ def _leaves_with_path(tree: Any, spec: SpecTree, path: tuple) -> Iterator[tuple]
         for i, (item, sub) in enumerate(zip(tree, spec)):
             yield from _leaves_with_path(item, sub, (*path, i))
     elif isinstance(spec, ArraySpec):
-        if not isinstance(tree, np.ndarray):
+        if not _is_array(tree):
             raise _tree_mismatch(path, f"an array {spec.describe()}", tree)
         yield path, tree, spec
 
@@ -178,8 +178,14 @@ class _Mismatch(Exception):
         self.path, self.msg, self.code = path, msg, code
 
 
+def _is_array(x: Any) -> bool:
+    # Duck-typed: numpy arrays, and shape-only stand-ins such as the per-example view of a
+    # vmapped argument.
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (Mapping, list, tuple))
+
+
 def _describe_tree(tree: Any) -> str:
-    if isinstance(tree, np.ndarray):
+    if _is_array(tree):
         return f"an array {describe_array(tree)}"
     if isinstance(tree, Mapping):
         return f"a dict with keys {sorted(tree)}"

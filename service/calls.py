@@ -20,7 +20,7 @@ from service import limits
 from service.registry import Model
 from service.schemas import OP_OPTIONS, REQUESTS
 from service.settings import Settings
-from service.transforms import Program, Transform, build_program
+from service.transforms import Program, Transform, build_program, per_example
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,16 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
             for i, v in enumerate(values)
         )
 
-    args = decode(request.args, specs, "args")
-    check_args(model.name, specs, args)
-
-    chain = [Transform.of(t.op, **t.options()) for t in getattr(request, "transforms", [])]
+    chain = [Transform.of(t.op, **t.options()) for t in request.transforms]
     options = {k: getattr(request, k) for k in OP_OPTIONS if k in type(request).model_fields}
     program = build_program(op, options, chain)
+    if specs is not None and any(t.op == "vmap" for t in chain):
+        # Mapped arguments carry extra axes: only the declared dtypes guide decoding.
+        decode_specs = [_map(lambda s: ArraySpec(None, s.dtype), spec) for spec in specs]
+    else:
+        decode_specs = specs
+    args = decode(request.args, decode_specs, "args")
+    check_args(model.name, specs, per_example(args, program.transforms))
     depth = len(program.transforms) + (program.apply != "eval")
     if depth > settings.max_transform_depth:
         raise InvalidInput(

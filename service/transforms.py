@@ -54,10 +54,60 @@ class Transform:
         return cls(op, **options)
 
 
+class _FrozenDict(tuple):
+    """A dict of vmap axes, hashable so the `Program` can key the compile cache."""
+
+
 def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _FrozenDict(sorted((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     return value
+
+
+def thaw(value: Any) -> Any:
+    """Frozen vmap axes -> what `jax.vmap` takes."""
+    if isinstance(value, _FrozenDict):
+        return {k: thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return tuple(thaw(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class _Aval:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _drop_axis(tree: Any, axes: Any) -> Any:
+    if isinstance(axes, _FrozenDict) and isinstance(tree, Mapping):
+        axes_by_key = dict(axes)
+        return {k: _drop_axis(v, axes_by_key.get(k)) for k, v in tree.items()}
+    if isinstance(axes, tuple) and isinstance(tree, (list, tuple)):
+        return type(tree)(_drop_axis(v, a) for v, a in zip(tree, axes))
+    if isinstance(tree, Mapping):
+        return {k: _drop_axis(v, axes) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_drop_axis(v, axes) for v in tree)
+    if tree is None or not isinstance(axes, int) or not tree.shape:
+        return tree
+    shape = list(tree.shape)
+    del shape[axes]
+    return _Aval(tuple(shape), tree.dtype)
+
+
+def per_example(args: tuple, transforms: Sequence[Transform]) -> tuple:
+    """What the model itself sees of `args`: each vmap in the chain strips its mapped axis.
+
+    The model's specs describe one example, so they are checked against this view.
+    """
+    for t in reversed(transforms):
+        if t.op == "vmap":
+            axes = t.in_axes if isinstance(t.in_axes, tuple) else (t.in_axes,) * len(args)
+            args = tuple(_drop_axis(a, ax) for a, ax in zip(args, axes))
+    return args
 
 
 @dataclass(frozen=True)
@@ -180,7 +230,7 @@ def _size(tree: Any) -> int:
 def apply_transform(f: Callable, t: Transform, where: str) -> Callable:
     """`t` applied to `f`, with the checks of its level run when traced."""
     if t.op == "vmap":
-        return jax.vmap(f, in_axes=t.in_axes, out_axes=t.out_axes)
+        return jax.vmap(f, in_axes=thaw(t.in_axes), out_axes=thaw(t.out_axes))
 
     def transformed(*args: Any) -> Any:
         argnums = _argnums(t, len(args), where)
