@@ -6,6 +6,7 @@ Errors are the shared `client.errors` classes, so a `code` means the same on bot
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,18 +20,29 @@ log = logging.getLogger("gradserve")
 
 _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed"}
 
+# Details may quote model code or JAX, which name source files: no server path goes out.
+_PATH = re.compile(r"(?<![\w.:/])/(?!v1/)(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def public(text: str) -> str:
+    """`text` with absolute file paths masked."""
+    return _PATH.sub("<path>", text)
+
 
 def problem_response(error: APIError, request_id: str | None) -> Response:
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": type(error).title,
         "status": error.status,
-        "detail": error.detail,
+        "detail": public(error.detail),
         "code": error.code,
         "request_id": request_id,
     }
     if error.errors:
-        body["errors"] = error.errors
+        body["errors"] = [
+            {**e, "msg": public(e["msg"])} if isinstance(e.get("msg"), str) else e
+            for e in error.errors
+        ]
     headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
     return Response(dumps(body), error.status, headers=headers, media_type=PROBLEM_JSON)
 
