@@ -1,0 +1,203 @@
+"""`Client` and `AsyncClient`: they differ only in how a request is sent and a pause is taken.
+
+This is the one module that touches the HTTP library (httpx); everything else is the shared,
+I/O-free core in `client._core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from client._core import Core, Flow, HTTPRequest, HTTPResponse, ModelInfo, Sleep
+from client._remote import RemoteFunction
+from client.errors import ConnectError, Timeout, TransportError
+
+
+def _response(r: httpx.Response) -> HTTPResponse:
+    return HTTPResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+
+
+def _transport_error(e: httpx.TransportError, url: str) -> TransportError:
+    # A connection refused, reset or dropped before any answer: safe to retry, since every op
+    # is a pure function of its request.
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)):
+        return ConnectError(f"cannot reach {url}: {e}")
+    if isinstance(e, httpx.TimeoutException):
+        return Timeout(f"no answer from {url} within the timeout: {e}")
+    return TransportError(f"{type(e).__name__} talking to {url}: {e}")
+
+
+class _BaseClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        encoding: str = "auto",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._core = Core(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            encoding=encoding,
+            headers=headers,
+        )
+
+    def _request(self, req: HTTPRequest) -> dict[str, Any]:
+        return {
+            "method": req.method,
+            "url": self._core.url(req.path),
+            "headers": req.headers,
+            "content": req.content,
+            "timeout": req.timeout,
+        }
+
+    def _info_now(self, name: str) -> ModelInfo:
+        raise RuntimeError(
+            f"the spec of {name!r} is not fetched yet: `await client.model_info({name!r})` first"
+        )
+
+    def _run(self, flow: Flow) -> Any:
+        raise NotImplementedError
+
+
+class Client(_BaseClient):
+    """A blocking client for a gradserve server.
+
+    Args:
+      base_url: the server, e.g. ``"http://127.0.0.1:8000"``.
+      api_key: sent as ``Authorization: Bearer <key>``.
+      timeout: seconds one call may take in all, retries and back-off included.
+      retries: how often to retry a refused connection, a 429 or a 503.
+      encoding: ``"auto"`` (JSON when small, npz when large), ``"json"`` or ``"npz"``.
+      http_client: an ``httpx.Client`` to send with (its transport, hooks, limits); the caller
+        closes it.
+
+    >>> with Client("http://127.0.0.1:8000") as c:
+    ...     grad(grad(c.model("tanh")))(2.0)
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        http_client: httpx.Client | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_url, **options)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client()
+
+    def _run(self, flow: Flow) -> Any:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                continue
+            try:
+                reply = _response(self._http.request(**self._request(step)))
+            except httpx.TransportError as e:
+                error = _transport_error(e, self._core.base_url)
+
+    def model(self, name: str) -> RemoteFunction:
+        """The remote function for a served model; its spec is fetched now (once per client),
+        so an unknown name fails here with `ModelNotFound`."""
+        self._info_now(name)
+        return RemoteFunction(self, name)
+
+    def model_info(self, name: str) -> ModelInfo:
+        """The model's description: version, device, input specs, output spec, ops."""
+        return self._info_now(name)
+
+    def _info_now(self, name: str) -> ModelInfo:
+        return self._run(self._core.info(name))
+
+    def models(self) -> list[ModelInfo]:
+        """Every served model (name, version, description, device)."""
+        return self._run(self._core.models())
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_BaseClient):
+    """The asyncio twin of `Client`: same arguments (``http_client`` an ``httpx.AsyncClient``);
+    remote functions return awaitables.
+
+    >>> async with AsyncClient("http://127.0.0.1:8000") as c:
+    ...     await grad(c.model("tanh"))(2.0)
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_url, **options)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient()
+
+    async def _run(self, flow: Flow) -> Any:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+                continue
+            try:
+                reply = _response(await self._http.request(**self._request(step)))
+            except httpx.TransportError as e:
+                error = _transport_error(e, self._core.base_url)
+
+    def model(self, name: str) -> RemoteFunction:
+        """The remote function for a served model; its spec is fetched with the first call."""
+        return RemoteFunction(self, name)
+
+    async def model_info(self, name: str) -> ModelInfo:
+        """The model's description: version, device, input specs, output spec, ops."""
+        return await self._run(self._core.info(name))
+
+    async def models(self) -> list[ModelInfo]:
+        """Every served model (name, version, description, device)."""
+        return await self._run(self._core.models())
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,363 @@
+"""The client's core, without I/O: requests from transform chains, answers back to numpy trees.
+
+Every remote operation is a *flow*: a generator that yields `HTTPRequest`s (and `Sleep`s
+between retries), receives `HTTPResponse`s, and returns the result. `Client` and `AsyncClient`
+drive the same flows, one with blocking sends and one with awaited ones, so the whole protocol,
+retry policy and error mapping live here once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from client import _trees, wire
+from client.errors import APIError, ConnectError, InvalidInput, ServerBusy, error_class
+from client.specs import SpecTree, check_args, spec_from_json
+
+# Request bodies (and expected answers) at least this big go as npz. Measured with
+# bench/client_overhead.py: below it JSON's smaller framing wins, above it npz's raw bytes win.
+NPZ_THRESHOLD = 64 * 1024
+ENCODINGS = ("auto", "json", "npz")
+RETRY_STATUSES = (429, 503)
+
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class HTTPResponse:
+    status: int
+    headers: Mapping[str, str]  # lower-case names
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+Flow = Generator[Any, Any, Any]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One function transform of a chain, as sent in `transforms` (options hashable)."""
+
+    op: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, op: str, **options: Any) -> Transform:
+        return cls(op, tuple((k, _freeze(v)) for k, v in options.items()))
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, **{k: _thaw(v) for k, v in self.options}}
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _thaw(v: Any) -> Any:
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `GET /v1/models/{name}` says: `inputs` is one spec tree per positional argument."""
+
+    name: str
+    version: str = ""
+    description: str = ""
+    device: str = ""
+    inputs: list[SpecTree] | None = None
+    output: SpecTree = None
+    ops: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ModelInfo:
+        inputs = doc.get("inputs")
+        return cls(
+            name=doc["name"],
+            version=str(doc.get("version", "")),
+            description=doc.get("description", ""),
+            device=doc.get("device", ""),
+            inputs=None if inputs is None else [spec_from_json(s) for s in inputs],
+            output=spec_from_json(doc.get("output")),
+            ops=tuple(doc.get("ops", ())),
+        )
+
+
+# The response fields of each named op, rebuilt into what the JAX function returns.
+def _assemble(op: str, fields: Mapping[str, Any], has_aux: bool) -> Any:
+    if op in ("eval", "call"):
+        return fields["value"]
+    if op == "grad":
+        return (fields["grad"], fields.get("aux")) if has_aux else fields["grad"]
+    if op == "value_and_grad":
+        value = (fields["value"], fields.get("aux")) if has_aux else fields["value"]
+        return (value, fields["grad"])
+    if op in ("jacfwd", "jacrev", "jacobian"):
+        return (fields["jacobian"], fields.get("aux")) if has_aux else fields["jacobian"]
+    if op == "hessian":
+        return fields["hessian"]
+    if op == "jvp":
+        return (fields["value"], fields["tangent"])
+    if op == "vjp":
+        return (fields["value"], fields["cotangents"])
+    return fields["hvp"]
+
+
+def unbatched_shapes(args: Sequence[Any], chain: Sequence[Transform]) -> list[Any]:
+    """What the model itself sees under the chain's `vmap`s: their mapped axes removed.
+
+    Spec checks apply per example; only int/None `in_axes` (per argument) are understood, any
+    other form skips the shape check rather than guess.
+    """
+    views = [_trees.tree_map(lambda x: np.empty(x.shape, x.dtype), a) for a in args]
+    for t in reversed(chain):
+        if t.op != "vmap":
+            continue
+        axes = t.opts.get("in_axes", 0)
+        per_arg = axes if isinstance(axes, tuple) else (axes,) * len(views)
+        if len(per_arg) != len(views) or not all(a is None or isinstance(a, int) for a in per_arg):
+            return []
+        views = [
+            v if a is None else _trees.tree_map(lambda x, a=a: np.take(x, 0, axis=a), v)
+            for v, a in zip(views, per_arg, strict=True)
+        ]
+    return views
+
+
+class Core:
+    """Settings and caches of one client; builds every flow."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        encoding: str = "auto",
+        npz_threshold: int = NPZ_THRESHOLD,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.encoding, self.npz_threshold = encoding, npz_threshold
+        self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.infos: dict[str, ModelInfo] = {}
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    # -- transport policy --------------------------------------------------------------
+
+    def exchange(self, request: HTTPRequest) -> Flow:
+        """Send with retries: connection errors, 429 (after its Retry-After) and 503, backing
+        off exponentially, never past `timeout`. Any other error status raises at once."""
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                response = yield _with_timeout(request, max(remaining, 0.001))
+            except ConnectError as e:
+                failure: Exception = e
+            else:
+                if response.status < 400:
+                    return response
+                failure = self.error(response)
+                if response.status not in RETRY_STATUSES:
+                    raise failure
+            attempt += 1
+            delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            if isinstance(failure, ServerBusy) and failure.retry_after is not None:
+                delay = failure.retry_after
+            if attempt > self.retries or time.monotonic() + delay >= deadline:
+                raise failure
+            yield Sleep(delay)
+
+    def error(self, response: HTTPResponse) -> APIError:
+        """problem+json -> the matching exception, carrying the server's detail."""
+        body: Any = {}
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                body = wire.loads(response.content)
+            except InvalidInput:
+                body = {}
+        if not isinstance(body, Mapping):
+            body = {}
+        detail = body.get("detail") or response.content[:500].decode("utf-8", "replace")
+        return error_class(response.status)(
+            detail or f"HTTP {response.status}",
+            code=body.get("code"),
+            status=response.status,
+            request_id=body.get("request_id") or response.headers.get("x-request-id"),
+            errors=body.get("errors"),
+            headers=dict(response.headers),
+        )
+
+    def get_json(self, path: str) -> Flow:
+        response = yield from self.exchange(
+            HTTPRequest("GET", path, {**self.headers, "Accept": wire.JSON})
+        )
+        return wire.loads(response.content)
+
+    # -- discovery ---------------------------------------------------------------------
+
+    def models(self) -> Flow:
+        doc = yield from self.get_json("/v1/models")
+        return [ModelInfo.from_json(m) for m in doc["models"]]
+
+    def info(self, name: str) -> Flow:
+        if name not in self.infos:
+            doc = yield from self.get_json(f"/v1/models/{name}")
+            self.infos[name] = ModelInfo.from_json(doc)
+        return self.infos[name]
+
+    # -- computing ---------------------------------------------------------------------
+
+    def compute(
+        self,
+        model: str,
+        chain: tuple[Transform, ...],
+        apply: str = "eval",
+        args: Sequence[Any] = (),
+        extra: Any = None,
+        **options: Any,
+    ) -> Flow:
+        """One request: `apply` (eval, jvp, vjp, hvp) of the chain-transformed model."""
+        info = yield from self.info(model)
+        args = self.prepare_args(info, chain, args)
+        if apply in ("jvp", "hvp"):
+            extra = tuple(
+                _trees.prepare(t, s) for t, s in zip(extra, _trees.dtype_specs(args), strict=True)
+            )
+        elif apply == "vjp":
+            extra = _trees.prepare(extra)
+        op, fields = _route(chain, apply)
+        fields.update(options)
+        answer = yield from self.post(model, op, args, extra, fields, self._guess_out(op, args))
+        last = chain[-1].opts if chain and apply == "eval" else {}
+        raw = _assemble(op, answer, bool(last.get("has_aux")))
+        return _trees.restore(raw, self.template(info, chain, apply, args))
+
+    def prepare_args(self, info: ModelInfo, chain: tuple[Transform, ...], args: Sequence) -> tuple:
+        specs = info.inputs
+        if specs is not None and len(specs) != len(args):
+            check_args(info.name, specs, args)  # raises the server's arity message
+        args = tuple(
+            _trees.prepare(a, specs[i] if specs is not None else None) for i, a in enumerate(args)
+        )
+        if specs is not None:
+            views = unbatched_shapes(args, chain) if _has_vmap(chain) else list(args)
+            if views:
+                check_args(info.name, specs, views)
+        return args
+
+    def template(
+        self, info: ModelInfo, chain: tuple[Transform, ...], apply: str, args: tuple
+    ) -> Any:
+        """The structure JAX gives for this call (see `client._trees`)."""
+        args_t = [_trees.template_of(a) for a in args]
+        out = _trees.spec_template(info.output)
+        for t in chain:
+            out = _trees.transformed(t.op, t.opts, out, args_t)
+        if apply == "jvp":
+            return (out, out)
+        if apply == "vjp":
+            return (out, tuple(args_t))
+        if apply == "hvp":
+            return tuple(args_t)
+        return out
+
+    def _guess_out(self, op: str, args: tuple) -> int:
+        """A rough size of the answer, to pick its encoding before it exists."""
+        size = _trees.nbytes(args)
+        if op in ("jacfwd", "jacrev", "jacobian", "hessian"):
+            return size * max(size // 4, 1)
+        return size
+
+    def post(
+        self, model: str, op: str, args: tuple, extra: Any, fields: dict[str, Any], out_guess: int
+    ) -> Flow:
+        arrays: dict[str, Any] = {"args": list(args)}
+        if extra is not None:
+            arrays["tangents" if op in ("jvp", "hvp") else "cotangent"] = extra
+        size = _trees.nbytes(arrays)
+        encoding = self.encoding
+        if encoding == "auto":
+            encoding = "npz" if size >= self.npz_threshold else "json"
+        answer = self.encoding
+        if answer == "auto":
+            answer = "npz" if max(size, out_guess) >= self.npz_threshold else "json"
+        if encoding == "npz":
+            content, media = wire.dump_npz({**wire.npz_ready(arrays), **fields}), wire.NPZ
+        else:
+            content, media = wire.dumps({**wire.encode_tree(arrays), **fields}), wire.JSON
+        headers = {
+            **self.headers,
+            "Content-Type": media,
+            "Accept": wire.NPZ if answer == "npz" else wire.JSON,
+        }
+        response = yield from self.exchange(
+            HTTPRequest("POST", f"/v1/models/{model}/{op}", headers, content)
+        )
+        return decode(response)
+
+
+def decode(response: HTTPResponse) -> dict[str, Any]:
+    """A 200 body (JSON or npz) -> its fields as trees of ndarrays (lists where JSON has them)."""
+    media = response.headers.get("content-type", wire.JSON).split(";")[0].strip()
+    doc = wire.load_npz(response.content) if media == wire.NPZ else wire.loads(response.content)
+    return {k: wire.decode_tree(v) for k, v in doc.items()}
+
+
+def _route(chain: tuple[Transform, ...], apply: str) -> tuple[str, dict[str, Any]]:
+    """Which endpoint computes this, and its fields: a named op when the outermost transform is
+    one (clearer metrics and logs), `call` for an outer `vmap`, `eval` for the bare model."""
+    if apply != "eval":
+        return apply, _chain_field(chain)
+    if not chain:
+        return "eval", {}
+    last = chain[-1]
+    if last.op == "vmap":
+        return "call", _chain_field(chain)
+    options = last.to_json()
+    del options["op"]
+    return last.op, {**_chain_field(chain[:-1]), **options}
+
+
+def _chain_field(chain: tuple[Transform, ...]) -> dict[str, Any]:
+    return {"transforms": [t.to_json() for t in chain]} if chain else {}
+
+
+def _has_vmap(chain: tuple[Transform, ...]) -> bool:
+    return any(t.op == "vmap" for t in chain)
+
+
+def _with_timeout(request: HTTPRequest, timeout: float) -> HTTPRequest:
+    return HTTPRequest(request.method, request.path, request.headers, request.content, timeout)
