@@ -30,6 +30,8 @@ log = logging.getLogger("gradserve")
 
 BUILTIN_MODELS = "service.models.cookbook"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# PROTOCOL.md: every response has Server-Timing with queue, compile and compute.
+_NO_COMPUTE_TIMING = "queue;dur=0, compile;dur=0, compute;dur=0"
 
 
 def build_state(settings: Settings, metrics: Metrics) -> State:
@@ -68,7 +70,11 @@ class RequestContext:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 response_started, status = True, message["status"]
-                MutableHeaders(scope=message)["x-request-id"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                if "server-timing" not in headers:  # errors and non-compute routes
+                    total = (time.perf_counter() - started) * 1e3
+                    headers["server-timing"] = _NO_COMPUTE_TIMING + f", total;dur={total:.3f}"
             await send(message)
 
         try:

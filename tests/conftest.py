@@ -76,3 +76,12 @@ def live_server() -> Iterator[LiveServer]:
     server = LiveServer().wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def client_server() -> Iterator[LiveServer]:
+    """A live server with the built-in models and examples/models.py (`ridge` returns
+    `(loss, aux)`, which the client's has_aux tests need)."""
+    server = LiveServer("--models", "examples/models.py").wait_ready()
+    yield server
+    server.stop()

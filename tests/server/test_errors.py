@@ -22,6 +22,7 @@ def assert_problem(response, status: int, code: str, *words: str) -> dict:
     assert {"type", "title", "status", "detail", "code", "request_id"} <= body.keys()
     assert body["status"] == status and body["code"] == code, body
     assert body["request_id"] == response.headers["x-request-id"]
+    assert "compute;dur=" in response.headers["server-timing"]
     for word in words:
         assert word in body["detail"], (word, body["detail"])
     return body
