@@ -102,6 +102,9 @@ def _numeric(values: Any, dtype: np.dtype, loc: tuple) -> np.ndarray:
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise _bad(f"non-integer data for an array of dtype {dtype_name(dtype)}", loc=loc)
     try:
+        if dtype.kind in "iu" and arr.dtype.kind in "fO":
+            # Python ints beyond int64 (uint64 data) came through as floats: convert afresh.
+            return np.asarray(values, dtype=dtype)
         return arr.astype(dtype, copy=False)
     except (OverflowError, ValueError, TypeError) as e:
         raise _bad(f"cannot convert data to {dtype_name(dtype)}: {e}", loc=loc) from None
