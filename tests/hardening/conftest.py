@@ -7,22 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hardening_util import FAULTY_MODELS, FILE_KEY, KEYS, LIMITS
 from starlette.testclient import TestClient
 
-from hardening_util import FAULTY_MODELS
 from service import Settings, create_app
-
-LIMITS = {
-    "max_body_bytes": 256 * 1024,
-    "max_npz_members": 8,
-    "max_json_depth": 16,
-    "max_json_elements": 20_000,
-    "max_output_elements": 50_000,
-    "max_batch_tangents": 16,
-    "max_transform_depth": 4,
-}
-KEYS = {"compute": "ck-0123456789", "admin": "ak-0123456789", "both": "bk-0123456789"}
-FILE_KEY = "fk-from-the-hashed-file"
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,25 @@ from typing import Any
 
 import jax
 import numpy as np
+from helpers import assert_tree_equal, post
 
 from client import wire
-from helpers import assert_tree_equal, post
 from service.models import cookbook as cb
 
 FAULTY_MODELS = str(Path(__file__).with_name("faulty_models.py"))
 W = np.array([0.1, -0.2, 0.3], np.float32)
 B = np.float32(0.5)
+LIMITS = {
+    "max_body_bytes": 256 * 1024,
+    "max_npz_members": 8,
+    "max_json_depth": 16,
+    "max_json_elements": 20_000,
+    "max_output_elements": 50_000,
+    "max_batch_tangents": 16,
+    "max_transform_depth": 4,
+}
+KEYS = {"compute": "ck-0123456789", "admin": "ak-0123456789", "both": "bk-0123456789"}
+FILE_KEY = "fk-from-the-hashed-file"
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code", "request_id"}
 
 
@@ -52,4 +63,13 @@ def send(
     )
 
 
-__all__ = ["FAULTY_MODELS", "assert_problem", "post", "send", "still_serving"]
+__all__ = [
+    "FAULTY_MODELS",
+    "FILE_KEY",
+    "KEYS",
+    "LIMITS",
+    "assert_problem",
+    "post",
+    "send",
+    "still_serving",
+]

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hardening_util import FILE_KEY, KEYS, assert_problem, still_serving
 
-from conftest import FILE_KEY, KEYS
-from hardening_util import assert_problem, still_serving
 from service import auth
 from service.settings import Settings
 

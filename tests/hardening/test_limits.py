@@ -9,10 +9,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from hardening_util import LIMITS, assert_problem, send, still_serving
 
 from client import wire
-from conftest import LIMITS
-from hardening_util import assert_problem, send, still_serving
 from service.limits import ShapeBudget
 
 
