@@ -7,8 +7,10 @@ I/O-free core in `client._core`.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -18,16 +20,26 @@ from client._remote import RemoteFunction
 from client.errors import ConnectError, Timeout, TransportError
 
 
-def _response(r: httpx.Response) -> HTTPResponse:
+def _response(r: Any) -> HTTPResponse:
     return HTTPResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
 
 
-def _transport_error(e: httpx.TransportError, url: str) -> TransportError:
+def _library(http: Any) -> ModuleType:
+    """httpx, or its fork httpx2 (same API, its own exception classes) when the caller passes
+    one of its clients."""
+    for cls in type(http).__mro__:
+        root = cls.__module__.split(".")[0]
+        if root in ("httpx", "httpx2"):
+            return sys.modules[root]
+    return httpx
+
+
+def _transport_error(lib: ModuleType, e: Exception, url: str) -> TransportError:
     # A connection refused, reset or dropped before any answer: safe to retry, since every op
     # is a pure function of its request.
-    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)):
+    if isinstance(e, (lib.ConnectError, lib.ConnectTimeout, lib.RemoteProtocolError)):
         return ConnectError(f"cannot reach {url}: {e}")
-    if isinstance(e, httpx.TimeoutException):
+    if isinstance(e, lib.TimeoutException):
         return Timeout(f"no answer from {url} within the timeout: {e}")
     return TransportError(f"{type(e).__name__} talking to {url}: {e}")
 
@@ -98,6 +110,7 @@ class Client(_BaseClient):
         super().__init__(base_url, **options)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client()
+        self._lib = _library(self._http)
 
     def _run(self, flow: Flow) -> Any:
         reply: Any = None
@@ -113,8 +126,8 @@ class Client(_BaseClient):
                 continue
             try:
                 reply = _response(self._http.request(**self._request(step)))
-            except httpx.TransportError as e:
-                error = _transport_error(e, self._core.base_url)
+            except self._lib.TransportError as e:
+                error = _transport_error(self._lib, e, self._core.base_url)
 
     def model(self, name: str) -> RemoteFunction:
         """The remote function for a served model; its spec is fetched now (once per client),
@@ -162,6 +175,7 @@ class AsyncClient(_BaseClient):
         super().__init__(base_url, **options)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient()
+        self._lib = _library(self._http)
 
     async def _run(self, flow: Flow) -> Any:
         reply: Any = None
@@ -177,8 +191,8 @@ class AsyncClient(_BaseClient):
                 continue
             try:
                 reply = _response(await self._http.request(**self._request(step)))
-            except httpx.TransportError as e:
-                error = _transport_error(e, self._core.base_url)
+            except self._lib.TransportError as e:
+                error = _transport_error(self._lib, e, self._core.base_url)
 
     def model(self, name: str) -> RemoteFunction:
         """The remote function for a served model; its spec is fetched with the first call."""

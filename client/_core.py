@@ -22,7 +22,7 @@ from client.specs import SpecTree, check_args, spec_from_json
 
 # Request bodies (and expected answers) at least this big go as npz. Measured with
 # bench/client_overhead.py: below it JSON's smaller framing wins, above it npz's raw bytes win.
-NPZ_THRESHOLD = 64 * 1024
+NPZ_THRESHOLD = 24 * 1024
 ENCODINGS = ("auto", "json", "npz")
 RETRY_STATUSES = (429, 503)
 
