@@ -85,3 +85,18 @@ def client_server() -> Iterator[LiveServer]:
     server = LiveServer("--models", "examples/models.py").wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server() -> Iterator:
+    """`start_server(*flags, env=...)`: LiveServers of a test module's own, stopped after it
+    (for tests that need other settings, or that stop the server themselves)."""
+    started: list[LiveServer] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> LiveServer:
+        started.append(LiveServer(*flags, env=env))
+        return started[-1].wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()
