@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, errors
-from service.engine import Engine
+from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
 from service.registry import Registry
@@ -36,9 +37,7 @@ _NO_COMPUTE_TIMING = "queue;dur=0, compile;dur=0, compute;dur=0"
 
 def build_state(settings: Settings, metrics: Metrics) -> State:
     """Configure JAX, load the models and start the engine (blocking: JAX work)."""
-    import jax
-
-    jax.config.update("jax_enable_x64", settings.x64)
+    configure_jax(settings)
     registry = Registry()
     for source in ([BUILTIN_MODELS] if settings.builtin_models else []) + settings.models:
         loaded = registry.load(source)
@@ -98,11 +97,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await run_in_threadpool(build_state, settings, metrics)
         app.state.gradserve = state
-        state.ready = True
+        # Serve (healthz, 503 on readyz) while warming, so orchestrators see a live process.
+        state.ready = not settings.warmup
+        warming = asyncio.create_task(_warm_up(state))
         try:
             yield
         finally:
             state.draining = True
+            warming.cancel()
             state.engine.close()
 
     app = FastAPI(
@@ -118,6 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics)
     _document_request_bodies(app)
     return app
+
+
+async def _warm_up(state: State) -> None:
+    if state.ready:
+        return
+    started = time.perf_counter()
+    compiled = await run_in_threadpool(state.engine.warm_up)
+    log.info("warm: %d program(s) compiled in %.1f s", compiled, time.perf_counter() - started)
+    state.ready = True
 
 
 def _document_request_bodies(app: FastAPI) -> None:

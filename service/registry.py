@@ -41,6 +41,8 @@ class ModelDef:
     init: Callable[[Any], Any] | None = None
     seed: int = 0
     device: str | None = None
+    replicas: int = 1  # devices of the preferred platform to place it on; 0: all of them
+    max_batch_size: int | None = None  # overrides the server's; 1 turns batching off
     version: str = "1"
 
     def __post_init__(self) -> None:

@@ -32,6 +32,17 @@ class Settings(BaseSettings):
     max_transform_depth: int = 8
     max_output_elements: int = 2**27
     request_timeout_s: float = 60.0
+    # Engine (service/engine/): devices, queues, batching, compile caches.
+    cpu_devices: int | None = Field(None, ge=1, description="CPU devices to expose to JAX")
+    workers_per_device: int = Field(2, ge=1)
+    max_queue: int = Field(256, ge=1, description="queued requests per device before 429")
+    max_batch_size: int = Field(32, ge=1, description="1 turns dynamic batching off")
+    max_batch_delay_ms: float = Field(2.0, ge=0)
+    compile_cache_size: int = Field(512, ge=1, description="compiled executables kept (LRU)")
+    max_shapes_per_model: int = Field(32, ge=1, description="distinct input shapes kept per model")
+    compile_cache_dir: Path | None = Field(default_factory=_default_cache_dir)
+    warmup: bool = True
+
     # Counted from the body's bytes before parsing (service/limits.py): 413.
     max_json_depth: int = Field(64, ge=2, le=1000)
     max_json_elements: int = 2**22

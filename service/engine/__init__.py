@@ -1,7 +1,7 @@
-"""The execution engine: one worker thread per device, and the compile cache.
+"""The execution engine: model placement, per-device workers, deadlines and warm-up.
 
-JAX work (tracing, compiling, running, fetching results) happens only on the workers, never on
-the event loop, so the server keeps answering while a device is busy.
+JAX work (tracing, compiling, running, fetching results) happens only on the device workers,
+never on the event loop, so the server keeps answering while every device is busy.
 """
 
 from __future__ import annotations
@@ -10,150 +10,161 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import numpy as np
 
-from client.errors import APIError, InvalidInput, PayloadTooLarge
-from client.specs import ArraySpec, check_args, dtype_name
+from client.errors import APIError, DeadlineExceeded
+from client.specs import ArraySpec, dtype_from_name
 from service.calls import Call
+from service.engine.compiler import CompileCache, Compiler
+from service.engine.worker import DeviceWorkers, Item, Outcome, batch_key
 from service.metrics import Metrics
 from service.registry import Model, Registry
 from service.settings import Settings
-from service.transforms import compose, program_function
+from service.transforms import build_program
+
+__all__ = ["Engine", "Outcome"]
 
 log = logging.getLogger("gradserve")
 
-
-@dataclass
-class Outcome:
-    """A computed result (numpy pytree) and where the time went, in seconds."""
-
-    value: Any
-    timings: dict[str, float] = field(default_factory=dict)
+WARMUP_OPS = ("eval", "grad", "value_and_grad")
 
 
-def avals_key(tree: Any) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((x.shape, np.dtype(x.dtype).str) for x in leaves)
-
-
-def _fetch(out: Any) -> Any:
-    """Device results -> numpy. float0 (the tangent type of integers) has no wire dtype: bool."""
-    host = jax.device_get(out)
-    return jax.tree.map(
-        lambda x: np.zeros(x.shape, bool) if x.dtype == jax.dtypes.float0 else np.asarray(x), host
-    )
+def configure_jax(settings: Settings) -> None:
+    """Process-wide JAX options; must run before JAX starts its backends."""
+    jax.config.update("jax_enable_x64", settings.x64)
+    if settings.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
+    if settings.compile_cache_dir is not None and str(settings.compile_cache_dir):
+        settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(settings.compile_cache_dir))
+        # JAX skips programs that compile fast or are small; ours are mostly both on CPU.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 class Engine:
-    """Runs `Call`s on device workers with a cache of compiled programs."""
+    """Places models on devices and runs `Call`s on them, batched where it pays."""
 
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.registry, self.settings, self.metrics = registry, settings, metrics
-        self.devices = jax.devices()
-        self._workers = {
-            d: ThreadPoolExecutor(1, thread_name_prefix=f"gradserve-{d.platform}{d.id}")
-            for d in self.devices
-        }
-        self._cache: dict[tuple, Callable[..., Any]] = {}
+        self.cache = CompileCache(settings.compile_cache_size, settings.max_shapes_per_model, metrics)
+        self.compiler = Compiler(self.cache, metrics, settings.max_output_elements)
         self._params: dict[tuple[str, int], Any] = {}
-        self._lock = threading.Lock()
+        self._params_lock = threading.Lock()
+        self._placement = {model.name: self._place(model) for model in registry}
+        used = {d for devices in self._placement.values() for d in devices}
+        self._workers = {
+            device: DeviceWorkers(
+                device,
+                self.compiler,
+                metrics,
+                self.params_for,
+                threads=settings.workers_per_device,
+                max_queue=settings.max_queue,
+                max_batch_size=settings.max_batch_size,
+                max_batch_delay=settings.max_batch_delay_ms / 1e3,
+            )
+            for device in sorted(used, key=lambda d: (d.platform, d.id))
+        }
+        self._listener = metrics.count_persistent_cache_events()
 
-    def device_for(self, model: Model) -> jax.Device:
-        want = model.spec.device
-        if want:
-            platform, _, index = want.partition(":")
-            matching = [d for d in self.devices if d.platform == platform]
-            if matching:
-                return matching[int(index or 0) % len(matching)]
-        return self.devices[0]
+    # -- placement ------------------------------------------------------------------------
+
+    def _place(self, model: Model) -> list[jax.Device]:
+        """`device="gpu"` falls back to the CPU with one log line; `"cpu:1"` names one device."""
+        platform, _, index = (model.spec.device or jax.default_backend()).partition(":")
+        try:
+            candidates = jax.devices(platform)
+        except RuntimeError:
+            log.warning("model %r prefers %s, which this machine lacks: placed on cpu", model.name, platform)
+            candidates, index = jax.devices("cpu"), ""
+        if index:
+            return [candidates[int(index) % len(candidates)]]
+        replicas = model.spec.replicas or len(candidates)
+        return candidates[:replicas]
+
+    def devices_of(self, model: Model) -> list[jax.Device]:
+        return self._placement[model.name]
+
+    def device_for(self, model: Model) -> str:
+        return ",".join(str(d) for d in self._placement[model.name])
+
+    def params_for(self, model: Model, device: jax.Device) -> Any:
+        """The model's parameters on `device`, transferred once."""
+        key = (model.name, device.id)
+        with self._params_lock:
+            if key not in self._params:
+                self._params[key] = jax.device_put(model.params, device) if model.has_params else None
+            return self._params[key]
+
+    # -- running --------------------------------------------------------------------------
 
     async def run(self, call: Call) -> Outcome:
-        device = self.device_for(call.model)
-        enqueued = time.perf_counter()
-        future = self._workers[device].submit(self._execute, call, device, enqueued)
-        return await asyncio.wrap_future(future)
+        """Queue `call` on the least-loaded device of its model and await the result.
 
-    def close(self) -> None:
-        for worker in self._workers.values():
-            worker.shutdown(wait=False, cancel_futures=True)
-
-    # -- on the worker thread -------------------------------------------------------------
-
-    def _execute(self, call: Call, device: jax.Device, enqueued: float) -> Outcome:
-        started = time.perf_counter()
-        params = self._device_params(call.model, device)
-        args, extra = jax.device_put((call.args, call.extra), device)
-        exe, compile_s = self._executable(call, device, params, args, extra)
-        t0 = time.perf_counter()
-        value = _fetch(exe(params, args, extra))
-        compute_s = time.perf_counter() - t0
-        timings = {"queue": started - enqueued, "compile": compile_s, "compute": compute_s}
-        for phase, seconds in timings.items():
-            self.metrics.phase.labels(phase).observe(seconds)
-        return Outcome(value, timings)
-
-    def _device_params(self, model: Model, device: jax.Device) -> Any:
-        key = (model.name, device.id)
-        if key not in self._params:
-            self._params[key] = jax.device_put(model.params, device) if model.has_params else None
-        return self._params[key]
-
-    def _executable(
-        self, call: Call, device: jax.Device, params: Any, args: Any, extra: Any
-    ) -> tuple[Callable[..., Any], float]:
-        model = call.model
-        key = (model.name, model.spec.version, call.program, device.id, avals_key((args, extra)))
-        with self._lock:
-            cached = self._cache.get(key)
-        if cached is not None:
-            return cached, 0.0
-        t0 = time.perf_counter()
-        fn = program_function(model.bound(), call.program, model.name)
+        429 when that queue is full; 504 at the deadline, with the work dropped if it has not
+        started (work already running finishes, and its answer is discarded).
+        """
+        workers = min((self._workers[d] for d in self._placement[call.model.name]), key=lambda w: w.load)
+        loop = asyncio.get_running_loop()
+        item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
+        workers.submit(item)
+        timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         try:
-            if call.op == "vjp":
-                self._check_cotangent(call, params, args)
-            self._check_output_size(call, jax.eval_shape(fn, params, args, extra))
-            compiled = jax.jit(fn).lower(params, args, extra).compile()
-        except APIError:
-            raise
-        except Exception as e:  # the model's own code, or JAX refusing the transform
-            raise _model_error(call, e) from None
-        with self._lock:
-            self._cache[key] = compiled
-        self.metrics.compiles.labels(model.name).inc()
-        return compiled, time.perf_counter() - t0
+            return await item.future
+        finally:
+            timer.cancel()
 
-    def _check_output_size(self, call: Call, out: Any) -> None:
-        size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out))
-        limit = self.settings.max_output_elements
-        if size > limit:
-            raise PayloadTooLarge(
-                f"{call.op} of '{call.model.name}' would return {size} elements, over the limit "
-                f"of {limit}. Ask for products instead of the full matrix: jvp, vjp or hvp.",
-                code="output_too_large",
+    def _expire(self, item: Item) -> None:
+        if not item.future.done():
+            item.cancelled = True
+            item.future.set_exception(
+                DeadlineExceeded(
+                    f"{item.call.op} of '{item.call.model.name}' did not finish within "
+                    f"{self.settings.request_timeout_s:g} s",
+                    code="deadline_exceeded",
+                )
             )
 
-    def _check_cotangent(self, call: Call, params: Any, args: tuple) -> None:
-        """The cotangent must match the output of the function being pulled back."""
-        bound = call.model.bound()
-        f = compose(lambda *a: bound(params, *a), call.program.transforms, call.model.name)
-        function_output = jax.eval_shape(f, *args)
-        batched = call.program.batched
+    def queue_depths(self) -> dict[str, int]:
+        return {str(d): w.load for d, w in self._workers.items()}
 
-        def spec(x: Any) -> ArraySpec:
-            return ArraySpec((None, *x.shape) if batched else tuple(x.shape), dtype_name(x.dtype))
+    def close(self) -> None:
+        for workers in self._workers.values():
+            workers.close()
+        self.metrics.stop_counting_persistent_cache_events(self._listener)
 
-        want = jax.tree.map(spec, function_output)
-        check_args(call.model.name, [want], [call.extra], what="cotangent")
+    # -- warm-up --------------------------------------------------------------------------
+
+    def warm_up(self) -> int:
+        """Compile each model's common ops for its declared inputs (a size-1 stand-in for each
+        free dimension) on every device it is placed on. Returns the programs compiled."""
+        compiled = 0
+        for model in self.registry:
+            if model.spec.inputs is None:
+                continue
+            args = tuple(_example(spec) for spec in model.spec.inputs)
+            for op in WARMUP_OPS:
+                call = Call(model, op, build_program(op, {}), args, None)
+                for device in self._placement[model.name]:
+                    try:
+                        placed = jax.device_put((args, None), device)
+                        _, seconds = self.compiler.executable(call, device, self.params_for(model, device), *placed)
+                    except APIError:
+                        break  # e.g. grad of a non-scalar model: not a common op for it
+                    compiled += seconds > 0
+        return compiled
 
 
-def _model_error(call: Call, e: Exception) -> InvalidInput:
-    message = str(e).split("\n", 1)[0][:500]
-    code = "invalid_transform" if isinstance(e, TypeError) else "model_error"
-    return InvalidInput(f"{call.op} of '{call.model.name}' failed: {message}", code=code)
+def _example(spec: Any) -> Any:
+    if isinstance(spec, ArraySpec):
+        shape = () if spec.shape is None else tuple(1 if d is None else d for d in spec.shape)
+        return np.zeros(shape, dtype_from_name(spec.dtype or "float32"))
+    if isinstance(spec, dict):
+        return {k: _example(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_example(v) for v in spec)
+    return np.zeros((), np.float32)

@@ -1,0 +1,160 @@
+"""Programs -> compiled executables: checks at trace time, then XLA; kept in a bounded LRU.
+
+Every executable is compiled ahead of time (`jit(...).lower(...).compile()`), so compile time
+is measured apart from compute and a request never triggers a hidden recompile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from client.errors import APIError, InvalidInput, PayloadTooLarge
+from client.specs import ArraySpec, check_args, dtype_name
+from service.calls import Call
+from service.metrics import Metrics
+from service.transforms import compose, program_function
+
+
+def avals_key(tree: Any) -> tuple:
+    """Structure, shapes and dtypes: what an executable is specialised to."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((x.shape, np.dtype(x.dtype).str) for x in leaves)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model: str
+    version: str
+    program: Any
+    device: int
+    avals: tuple
+    bucket: int = 0  # 0: unbatched; else the padded batch size of a vmapped executable
+
+
+class CompileCache:
+    """A bounded LRU of executables, holding at most `max_shapes` input shapes per model.
+
+    Shapes come from clients, so without the per-model cap one model fed ever-new shapes would
+    evict everything else; with it, that model only churns its own entries.
+    """
+
+    def __init__(self, max_entries: int, max_shapes: int, metrics: Metrics) -> None:
+        self.max_entries, self.max_shapes, self.metrics = max_entries, max_shapes, metrics
+        self._entries: OrderedDict[CacheKey, Callable] = OrderedDict()
+        self._shapes: dict[str, OrderedDict[tuple, None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: CacheKey) -> Callable | None:
+        with self._lock:
+            compiled = self._entries.get(key)
+            if compiled is None:
+                self.metrics.cache.labels("miss").inc()
+                return None
+            self._entries.move_to_end(key)
+            self._shapes[key.model].move_to_end(key.avals)
+            self.metrics.cache.labels("hit").inc()
+            return compiled
+
+    def put(self, key: CacheKey, compiled: Callable) -> None:
+        with self._lock:
+            self._entries[key] = compiled
+            shapes = self._shapes.setdefault(key.model, OrderedDict())
+            shapes[key.avals] = None
+            shapes.move_to_end(key.avals)
+            while len(shapes) > self.max_shapes:
+                old, _ = shapes.popitem(last=False)
+                for k in [k for k in self._entries if k.model == key.model and k.avals == old]:
+                    self._evict(k)
+            while len(self._entries) > self.max_entries:
+                self._evict(next(iter(self._entries)))
+
+    def _evict(self, key: CacheKey) -> None:
+        del self._entries[key]
+        shapes = self._shapes.get(key.model)
+        if shapes is not None and not any(k.model == key.model and k.avals == key.avals for k in self._entries):
+            shapes.pop(key.avals, None)
+        self.metrics.cache.labels("eviction").inc()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shapes(self, model: str) -> int:
+        return len(self._shapes.get(model, ()))
+
+
+class Compiler:
+    """Builds, checks and caches the executable of a `Call` on a device."""
+
+    def __init__(self, cache: CompileCache, metrics: Metrics, max_output_elements: int) -> None:
+        self.cache, self.metrics, self.max_output_elements = cache, metrics, max_output_elements
+
+    def executable(
+        self, call: Call, device: jax.Device, params: Any, args: Any, extra: Any, bucket: int = 0
+    ) -> tuple[Callable, float]:
+        """The compiled program for `call` and the seconds spent compiling it (0 on a hit).
+
+        With `bucket`, the program is vmapped over `bucket` stacked calls; its errors propagate
+        unchanged so the worker can fall back to unbatched runs (whose checks name the fault).
+        """
+        model = call.model
+        key = CacheKey(
+            model.name, model.spec.version, call.program, device.id, avals_key((args, extra)), bucket
+        )
+        compiled = self.cache.get(key)
+        if compiled is not None:
+            return compiled, 0.0
+        t0 = time.perf_counter()
+        fn = program_function(model.bound(), call.program, model.name)
+        if bucket:
+            compiled = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0))).lower(params, args, extra).compile()
+        else:
+            try:
+                if call.op == "vjp":
+                    self._check_cotangent(call, params, args)
+                self._check_output_size(call, jax.eval_shape(fn, params, args, extra))
+                compiled = jax.jit(fn).lower(params, args, extra).compile()
+            except APIError:
+                raise
+            except Exception as e:  # the model's own code, or JAX refusing the transform
+                raise _model_error(call, e) from None
+        seconds = time.perf_counter() - t0
+        self.cache.put(key, compiled)
+        self.metrics.compiles.labels(model.name).inc()
+        self.metrics.compile_seconds.observe(seconds)
+        return compiled, seconds
+
+    def _check_output_size(self, call: Call, out: Any) -> None:
+        size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out))
+        limit = self.max_output_elements
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{call.op} of '{call.model.name}' would return {size} elements, over the limit "
+                f"of {limit}. Ask for products instead of the full matrix: jvp, vjp or hvp.",
+                code="output_too_large",
+            )
+
+    def _check_cotangent(self, call: Call, params: Any, args: tuple) -> None:
+        """The cotangent must match the output of the function being pulled back."""
+        bound = call.model.bound()
+        f = compose(lambda *a: bound(params, *a), call.program.transforms, call.model.name)
+        function_output = jax.eval_shape(f, *args)
+        batched = call.program.batched
+
+        def spec(x: Any) -> ArraySpec:
+            return ArraySpec((None, *x.shape) if batched else tuple(x.shape), dtype_name(x.dtype))
+
+        check_args(call.model.name, [jax.tree.map(spec, function_output)], [call.extra], what="cotangent")
+
+
+def _model_error(call: Call, e: Exception) -> InvalidInput:
+    message = str(e).split("\n", 1)[0][:500]
+    code = "invalid_transform" if isinstance(e, TypeError) else "model_error"
+    return InvalidInput(f"{call.op} of '{call.model.name}' failed: {message}", code=code)

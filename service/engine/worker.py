@@ -1,0 +1,247 @@
+"""A device's workers: a bounded queue, dynamic batching, and execution off the event loop.
+
+Requests with the same batch key (model, program, input avals) that are queued together are
+stacked along a new axis and run as one vmapped executable, padded to a power-of-two bucket so
+a model compiles at most log2(max_batch_size) batched variants per shape. A worker waits up to
+`max_batch_delay` for companions only while a key is seeing concurrent traffic: a lone
+sequential client never pays the delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from client.errors import APIError, ServerBusy
+from service.calls import Call
+from service.engine.compiler import Compiler, avals_key
+from service.metrics import Metrics
+
+log = logging.getLogger("gradserve")
+
+
+@dataclass
+class Outcome:
+    """A computed result (numpy pytree) and where the time went, in seconds."""
+
+    value: Any
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+    device: str = ""
+
+
+@dataclass(eq=False)
+class Item:
+    """One queued request, resolved on its event loop when done."""
+
+    call: Call
+    key: tuple
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    cancelled: bool = False  # set by the event loop at the deadline: drop if not started
+
+    def resolve(self, outcome: Outcome | None, error: BaseException | None = None) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, outcome, error)
+
+
+def _settle(future: asyncio.Future, outcome: Outcome | None, error: BaseException | None) -> None:
+    if future.done():  # the deadline answered first
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outcome)
+
+
+def _fetch(out: Any) -> Any:
+    """Device results -> numpy. float0 (the tangent type of integers) has no wire dtype: bool."""
+    host = jax.device_get(out)
+    return jax.tree.map(
+        lambda x: np.zeros(x.shape, bool) if x.dtype == jax.dtypes.float0 else np.asarray(x), host
+    )
+
+
+def bucket_for(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class DeviceWorkers:
+    """The queue of one device and the threads that drain it."""
+
+    def __init__(
+        self,
+        device: jax.Device,
+        compiler: Compiler,
+        metrics: Metrics,
+        params_for: Callable[[Any, jax.Device], Any],
+        *,
+        threads: int,
+        max_queue: int,
+        max_batch_size: int,
+        max_batch_delay: float,
+    ) -> None:
+        self.device, self.compiler, self.metrics, self.params_for = device, compiler, metrics, params_for
+        self.max_queue, self.max_batch_size, self.max_batch_delay = max_queue, max_batch_size, max_batch_delay
+        self._queue: deque[Item] = deque()
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._closed = False
+        self._last_seen: dict[tuple, float] = {}  # batch key -> last arrival, to sense concurrency
+        self._unbatchable: set[tuple] = set()
+        self._name = f"{device.platform}:{device.id}"
+        self._depth = metrics.queue_depth.labels(self._name)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"gradserve-{device}-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def load(self) -> int:
+        return len(self._queue) + self._busy
+
+    def submit(self, item: Item) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise ServerBusy(
+                    f"the queue of {self.device} is full ({self.max_queue} requests); retry shortly",
+                    code="queue_full",
+                    status=429,
+                    headers={"Retry-After": "1"},
+                )
+            self._queue.append(item)
+            self._depth.set(len(self._queue))
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop taking work; join the threads so none is left inside JAX at interpreter exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- worker threads -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            with self._cond:
+                self._busy += 1
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+
+    def _next_batch(self) -> list[Item] | None:
+        with self._cond:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                first = self._queue.popleft()
+                if not first.cancelled:
+                    break
+            now = time.perf_counter()
+            previous = self._last_seen.get(first.key, 0.0)
+            self._last_seen[first.key] = now
+            limit = 1 if first.key in self._unbatchable else first.call.model.spec.max_batch_size or self.max_batch_size
+            batch = [first]
+            self._take_same_key(batch, limit)
+            # Only a key that is seeing concurrent traffic waits for companions.
+            concurrent = len(batch) > 1 or now - previous < 4 * self.max_batch_delay
+            deadline = now + self.max_batch_delay
+            while concurrent and len(batch) < limit and (remaining := deadline - time.perf_counter()) > 0:
+                self._cond.wait(remaining)
+                self._take_same_key(batch, limit)
+            self._depth.set(len(self._queue))
+            return batch
+
+    def _take_same_key(self, batch: list[Item], limit: int) -> None:
+        key = batch[0].key
+        kept: deque[Item] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.cancelled:
+                continue
+            if item.key == key and len(batch) < limit:
+                batch.append(item)
+            else:
+                kept.append(item)
+        self._queue = kept
+
+    def _execute(self, batch: list[Item]) -> None:
+        started = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                value, compile_s, compute_s = self._run_single(batch[0].call)
+                values = [value]
+            else:
+                values, compile_s, compute_s = self._run_batched(batch)
+        except Exception as error:  # noqa: BLE001 - every item must be answered
+            if len(batch) > 1 and not isinstance(error, APIError):
+                # The stacked program failed (say, the model cannot be vmapped): never batch
+                # this key again, and answer each request on its own.
+                log.warning("batching %s failed (%s); running unbatched", batch[0].call.model.name, error)
+                self._unbatchable.add(batch[0].key)
+                for item in batch:
+                    self._execute([item])
+                return
+            for item in batch:
+                item.resolve(None, error)
+            return
+        self.metrics.batch_size.observe(len(batch))
+        for item, value in zip(batch, values):
+            timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
+            for phase, seconds in timings.items():
+                self.metrics.phase.labels(phase).observe(seconds)
+            item.resolve(Outcome(value, timings, len(batch), self._name))
+
+    def _run_single(self, call: Call) -> tuple[Any, float, float]:
+        params = self.params_for(call.model, self.device)
+        args, extra = jax.device_put((call.args, call.extra), self.device)
+        compiled, compile_s = self.compiler.executable(call, self.device, params, args, extra)
+        t0 = time.perf_counter()
+        value = _fetch(compiled(params, args, extra))
+        return value, compile_s, time.perf_counter() - t0
+
+    def _run_batched(self, batch: list[Item]) -> tuple[list[Any], float, float]:
+        call = batch[0].call
+        bucket = bucket_for(len(batch))
+        padded = [item.call for item in batch] + [call] * (bucket - len(batch))
+        # Stack on the host: one transfer per leaf instead of one per request.
+        stacked_args, stacked_extra = jax.tree.map(
+            lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in padded]
+        )
+        params = self.params_for(call.model, self.device)
+        # The unbatched program first: its checks (shapes, output size...) hold for every
+        # item of the batch, and it is the fallback if the stacked program cannot be built.
+        single = jax.device_put((call.args, call.extra), self.device)
+        _, check_s = self.compiler.executable(call, self.device, params, *single)
+        args, extra = jax.device_put((stacked_args, stacked_extra), self.device)
+        compiled, compile_s = self.compiler.executable(call, self.device, params, args, extra, bucket)
+        compile_s += check_s
+        t0 = time.perf_counter()
+        out = _fetch(compiled(params, args, extra))
+        compute_s = time.perf_counter() - t0
+        values = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(batch))]
+        return values, compile_s, compute_s
+
+
+def batch_key(call: Call) -> tuple:
+    return (call.model.name, call.program, avals_key((call.args, call.extra)))
