@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -195,6 +197,42 @@ def test_copied_files_exist_and_are_in_the_build_context(instructions: list[Inst
             assert not dockerignored(ROOT, source), f"line {i.line}: .dockerignore drops {source}"
     for private in (".git", ".env", "tests", ".venv", "service/__pycache__/x.pyc"):
         assert dockerignored(ROOT, private), f"{private} must stay out of the build context"
+
+
+def test_the_build_context_builds_a_complete_wheel(
+    instructions: list[Instruction], tmp_path: Path
+) -> None:
+    """What the build stage copies (less .dockerignore) installs every module and the script."""
+    context = tmp_path / "src"
+    for i in instructions:
+        if i.keyword != "COPY" or i.args.startswith("--from"):
+            continue
+        *sources, _ = i.exec_form()
+        for source in sources:
+            for path in [ROOT / source, *(ROOT / source).rglob("*")]:
+                rel = path.relative_to(ROOT).as_posix()
+                if path.is_file() and not dockerignored(ROOT, rel):
+                    (context / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, context / rel)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
+    result = subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("gradserve-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+        assert "gradserve = service.cli:main" in zf.read(entry_points).decode()
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for package in ("client", "service")
+        for p in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert modules <= names, f"missing from the image: {sorted(modules - names)}"
 
 
 # ---------------------------------------------------------------------------- compose
