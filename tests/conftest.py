@@ -104,3 +104,24 @@ def start_server() -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def app_factory():
+    """`with app_factory(**settings) as client:` a fresh app in-process, ready when entered."""
+    from contextlib import contextmanager
+
+    from starlette.testclient import TestClient
+
+    from service import Settings, create_app
+
+    @contextmanager
+    def make(**settings):
+        with TestClient(create_app(Settings(**settings))) as client:
+            deadline = time.monotonic() + 120
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "app never became ready"
+                time.sleep(0.05)
+            yield client
+
+    return make
