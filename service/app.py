@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth.install(app, settings)  # inside RequestContext: refusals get request ids and metrics
     app.add_middleware(RequestContext, metrics=metrics)
     _document_request_bodies(app)
+    errors.document(app, auth.OPEN_PATHS)
     return app
 
 
