@@ -57,7 +57,9 @@ def dtype_from_name(name: Any) -> np.dtype:
 def dtype_name(dtype: np.dtype) -> str:
     """The protocol name of a numpy dtype (`InvalidInput` for object, string, ... dtypes)."""
     dtype = np.dtype(dtype)
-    name = "bfloat16" if dtype == _BFLOAT16 else dtype.name
+    # `dtype == None` is True for float64 (numpy reads None as the default dtype), so without
+    # ml_dtypes the comparison must not run at all.
+    name = "bfloat16" if _BFLOAT16 is not None and dtype == _BFLOAT16 else dtype.name
     if name not in DTYPE_NAMES:
         raise InvalidInput(f"dtype {dtype} cannot cross the wire", code="invalid_dtype")
     return name
