@@ -16,7 +16,8 @@ from service import Settings, create_app
 @pytest.fixture(scope="session")
 def limited() -> Iterator[TestClient]:
     """Built-in and faulty models, with small limits; a bug answers 500 instead of raising."""
-    settings = Settings(models=[FAULTY_MODELS], **LIMITS)
+    # No warm-up: it would trace the faulty models (one sleeps 3 s while tracing).
+    settings = Settings(models=[FAULTY_MODELS], warmup=False, **LIMITS)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 

@@ -45,7 +45,7 @@ def sleepy(x: jax.Array) -> jax.Array:
     return jax.pure_callback(_sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
 
-@model("trace_hang", inputs=VEC, description="blocks its worker for 20 s while tracing")
+@model("trace_hang", inputs=VEC, description="blocks its worker for 3 s while tracing")
 def trace_hang(x: jax.Array) -> jax.Array:
-    time.sleep(20.0)
+    time.sleep(3.0)
     return x

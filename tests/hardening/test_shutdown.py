@@ -15,7 +15,9 @@ DRAIN_S = 2.0
 
 def test_sigterm_drains_finishes_in_flight_work_and_exits_0(start_server):
     server = start_server(
-        "--models", FAULTY_MODELS, env={"GRADSERVE_SHUTDOWN_DRAIN_S": str(DRAIN_S)}
+        "--models",
+        FAULTY_MODELS,
+        env={"GRADSERVE_SHUTDOWN_DRAIN_S": str(DRAIN_S), "GRADSERVE_WARMUP": "false"},
     )
     with httpx.Client(base_url=server.url, timeout=30) as client:
         # Compile first, so the in-flight request below is pure (sleeping) compute.

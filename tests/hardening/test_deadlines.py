@@ -1,0 +1,50 @@
+"""Models that hang: 504 at the deadline, and the other models keep answering meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hardening_util import FAULTY_MODELS, assert_problem, send, still_serving
+from starlette.testclient import TestClient
+
+from client import wire
+from service import Settings, create_app
+
+TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def deadlined() -> Iterator[TestClient]:
+    settings = Settings(
+        models=[FAULTY_MODELS], request_timeout_s=TIMEOUT_S, workers_per_device=2, warmup=False
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [("sleepy", 3.0), ("trace_hang", 1.0)],  # sleeps in a host callback / while tracing
+)
+def test_a_hanging_model_gets_504_and_others_still_answer(deadlined, model, x):
+    answers: list = []
+    hung = threading.Thread(
+        target=lambda: answers.append(
+            (send(deadlined, model, "eval", wire.dumps({"args": [[x]]})), time.perf_counter())
+        )
+    )
+    started = time.perf_counter()
+    hung.start()
+    time.sleep(0.2)
+    still_serving(deadlined)  # while the hung call holds a worker
+    served = time.perf_counter() - started
+    hung.join(30)
+    response, finished = answers[0]
+    assert_problem(response, 504, "deadline_exceeded", f"'{model}'", f"{TIMEOUT_S:g} s")
+    assert finished - started < TIMEOUT_S + 1.0, "504 must come at the deadline, not when it ends"
+    assert served < TIMEOUT_S + 1.0, "another model waited for the hung one"
+    time.sleep(max(0.0, started + 3.5 - time.perf_counter()))  # the worker is back
+    still_serving(deadlined)
