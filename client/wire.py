@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from client import _zip
 from client.errors import InvalidInput, PayloadTooLarge
 from client.specs import ArraySpec, SpecTree, dtype_from_name, dtype_name
 
@@ -279,18 +280,21 @@ def loads(body: bytes | str) -> Any:
 
 
 def dump_npz(doc: Any) -> bytes:
-    """Document with ndarray leaves -> npz: each array its own member, the rest `__json__`."""
-    members: dict[str, np.ndarray] = {}
+    """Document with ndarray leaves -> npz: each array its own member, the rest `__json__`.
+
+    Members are stored uncompressed and their data is written straight from the arrays.
+    """
+    members: list[tuple[str, list]] = []
 
     def lift(node: Any) -> Any:
         if isinstance(node, np.ndarray | np.generic):
             name = f"a{len(members)}"
             arr = np.asarray(node)
+            ref: dict[str, str] = {"$npz": name}
             if arr.dtype.name == "bfloat16":  # npy cannot name it: raw bits, dtype beside
-                members[name] = arr.view(np.uint16)
-                return {"$npz": name, "dtype": "bfloat16"}
-            members[name] = arr
-            return {"$npz": name}
+                arr, ref["dtype"] = arr.view(np.uint16), "bfloat16"
+            members.append((name + ".npy", _npy_buffers(arr)))
+            return ref
         if isinstance(node, Mapping):
             return {k: lift(v) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
@@ -298,18 +302,16 @@ def dump_npz(doc: Any) -> bytes:
         return node
 
     header = dumps(lift(doc))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_member(zf, _JSON_MEMBER, np.frombuffer(header, np.uint8))
-        for name, arr in members.items():
-            _write_member(zf, name, arr)
-    return buf.getvalue()
+    json_member = (_JSON_MEMBER + ".npy", _npy_buffers(np.frombuffer(header, np.uint8)))
+    return _zip.write([json_member, *members])
 
 
-def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
-    with zf.open(name + ".npy", "w", force_zip64=arr.nbytes > 2**31) as f:
-        # not ascontiguousarray: it turns 0-d arrays into 1-d ones
-        np.lib.format.write_array(f, np.require(arr, requirements="C"), allow_pickle=False)
+def _npy_buffers(arr: np.ndarray) -> list:
+    """An npy file as [header, data], the data a view of the array (no copy if contiguous)."""
+    arr = np.require(arr, requirements="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    return [head.getvalue(), memoryview(arr).cast("B") if arr.size else b""]
 
 
 def load_npz(
@@ -321,62 +323,59 @@ def load_npz(
 ) -> Any:
     """npz body -> document with its `{"$npz": name}` leaves replaced by ndarrays.
 
-    Each member's npy header is read and checked (no objects; declared size within what is
-    left of `max_bytes`) before a byte of its data is inflated.
+    Each member's declared size is checked against what is left of `max_bytes` and its npy
+    header is read and checked (no objects) before a byte of its data is inflated. Arrays of
+    stored members are read-only views of `body`.
     """
     try:
-        zf = zipfile.ZipFile(io.BytesIO(body))
-        infos = zf.infolist()
+        archive = _zip.Reader(body)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise _bad(f"malformed npz: {e}", code="invalid_npz") from None
-    if len(infos) > max_members:
+    if len(archive.members) > max_members:
         raise PayloadTooLarge(
-            f"npz has {len(infos)} members; the limit is {max_members}", code="too_many_members"
+            f"npz has {len(archive.members)} members; the limit is {max_members}",
+            code="too_many_members",
         )
     budget = max_bytes
     arrays: dict[str, np.ndarray] = {}
-    for info in infos:
-        name = info.filename.removesuffix(".npy")
-        if info.file_size > budget:
+    for member in archive.members:
+        name = member.name.removesuffix(".npy")
+        if member.size > budget:
             raise PayloadTooLarge(
-                f"npz member {name!r} inflates to {info.file_size} bytes, over the "
+                f"npz member {name!r} inflates to {member.size} bytes, over the "
                 f"{max_bytes}-byte limit",
                 code="payload_too_large",
             )
-        budget -= info.file_size
-        arrays[name] = _read_member(zf, info, name)
+        budget -= member.size
+        arrays[name] = _read_member(archive, member, name)
     if _JSON_MEMBER not in arrays:
         raise _bad("npz has no __json__ member", code="invalid_npz")
     text = arrays.pop(_JSON_MEMBER).tobytes()
     if check_json is not None:  # the server's depth and element limits, before parsing
         check_json(text)
-    doc = loads(text)
-    return _resolve(doc, arrays)
+    return _resolve(loads(text), arrays)
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+def _read_member(archive: _zip.Reader, member: _zip.Member, name: str) -> np.ndarray:
     try:
-        with zf.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise _bad(f"npz member {name!r} holds Python objects", code="invalid_npz")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if nbytes > info.file_size:
-                raise _bad(f"npz member {name!r} is shorter than its header says", code="invalid_npz")
-            data = f.read(nbytes)
-    except InvalidInput:
-        raise
+        data = archive.read(member, limit=member.size)
+        head = io.BytesIO(bytes(data[: min(len(data), 65536 + 16)]))
+        version = np.lib.format.read_magic(head)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(head)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise _bad(f"malformed npz member {name!r}: {e}", code="invalid_npz") from None
-    if len(data) != nbytes:
-        raise _bad(f"npz member {name!r} is truncated", code="invalid_npz")
-    arr = np.frombuffer(data, dtype)
+    if dtype.hasobject:
+        raise _bad(f"npz member {name!r} holds Python objects", code="invalid_npz")
+    count = math.prod(shape)
+    offset = head.tell()
+    if offset + count * dtype.itemsize != len(data):
+        raise _bad(f"npz member {name!r} does not match its header", code="invalid_npz")
+    arr = np.frombuffer(data, dtype, count, offset)
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 

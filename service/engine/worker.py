@@ -71,6 +71,9 @@ def _fetch(out: Any) -> Any:
     )
 
 
+_OVERLAP_MEMORY_S = 1.0
+
+
 def bucket_for(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -96,7 +99,10 @@ class DeviceWorkers:
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
-        self._last_seen: dict[tuple, float] = {}  # batch key -> last arrival, to sense concurrency
+        # Per batch key: requests submitted and not yet answered, and when one last arrived
+        # while another was in flight. Only keys seeing such overlap wait for companions.
+        self._inflight: dict[tuple, int] = {}
+        self._overlapped: dict[tuple, float] = {}
         self._unbatchable: set[tuple] = set()
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
@@ -120,8 +126,25 @@ class DeviceWorkers:
                     headers={"Retry-After": "1"},
                 )
             self._queue.append(item)
+            waiting = self._inflight.get(item.key, 0)
+            if waiting:
+                self._overlapped[item.key] = item.enqueued
+            self._inflight[item.key] = waiting + 1
             self._depth.set(len(self._queue))
             self._cond.notify()
+
+    def _done(self, items: list[Item]) -> None:
+        with self._cond:
+            for item in items:
+                self._forget(item)
+
+    def _forget(self, item: Item) -> None:
+        """Count `item` out of flight (the caller holds the lock)."""
+        left = self._inflight[item.key] - 1
+        if left:
+            self._inflight[item.key] = left
+        else:
+            del self._inflight[item.key]
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking work; join the threads so none is left inside JAX at interpreter exit."""
@@ -144,6 +167,7 @@ class DeviceWorkers:
             try:
                 self._execute(batch)
             finally:
+                self._done(batch)
                 with self._cond:
                     self._busy -= 1
 
@@ -157,14 +181,14 @@ class DeviceWorkers:
                 first = self._queue.popleft()
                 if not first.cancelled:
                     break
+                self._forget(first)
             now = time.perf_counter()
-            previous = self._last_seen.get(first.key, 0.0)
-            self._last_seen[first.key] = now
             limit = 1 if first.key in self._unbatchable else first.call.model.spec.max_batch_size or self.max_batch_size
             batch = [first]
             self._take_same_key(batch, limit)
-            # Only a key that is seeing concurrent traffic waits for companions.
-            concurrent = len(batch) > 1 or now - previous < 4 * self.max_batch_delay
+            # Only a key seeing concurrent traffic lately waits for companions: a sequential
+            # client never pays the delay.
+            concurrent = now - self._overlapped.get(first.key, -1.0) < _OVERLAP_MEMORY_S
             deadline = now + self.max_batch_delay
             while concurrent and len(batch) < limit and (remaining := deadline - time.perf_counter()) > 0:
                 self._cond.wait(remaining)
@@ -178,6 +202,7 @@ class DeviceWorkers:
         while self._queue:
             item = self._queue.popleft()
             if item.cancelled:
+                self._forget(item)
                 continue
             if item.key == key and len(batch) < limit:
                 batch.append(item)

@@ -1,0 +1,96 @@
+"""Stored (uncompressed) zip archives of byte buffers, written and read without copying data.
+
+`zipfile` copies every member through a file object and checks CRC-32 at zlib speed (about
+1.5 GB/s here): for a 4 MB array that is more time than the HTTP exchange. Here a member is
+a list of buffers written once into the output, CRC-32 comes from ISA-L when installed (about
+40 GB/s), and reading returns `memoryview` slices of the body itself. Deflated archives, such
+as `np.savez_compressed` makes, are read through `zipfile`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+try:
+    from isal.isal_zlib import crc32
+except ImportError:  # correct, only slower
+    crc32 = zlib.crc32
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_END = struct.Struct("<IHHHHIIH")
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: archives are reproducible byte for byte
+_MAX_32 = 0xFFFFFFFF
+
+
+def write(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
+    """A stored zip of `(name, buffers)` members, each member the concatenation of its buffers."""
+    if sum(len(b) for _, bufs in members for b in bufs) >= _MAX_32:
+        return _write_zip64(members)
+    parts: list[bytes | memoryview] = []
+    central: list[bytes] = []
+    offset = 0
+    for name, buffers in members:
+        encoded = name.encode()
+        size, crc = 0, 0
+        for buf in buffers:
+            size += len(buf)
+            crc = crc32(buf, crc)
+        header = _LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(encoded), 0)
+        parts += [header, encoded, *buffers]
+        central.append(
+            _CENTRAL.pack(0x02014B50, 20, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(encoded), 0, 0, 0, 0, 0, offset)
+            + encoded
+        )
+        offset += len(header) + len(encoded) + size
+    directory = b"".join(central)
+    parts += [directory, _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0)]
+    return b"".join(parts)
+
+
+def _write_zip64(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, buffers in members:
+            with zf.open(name, "w", force_zip64=True) as f:
+                for b in buffers:
+                    f.write(b)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    size: int  # declared uncompressed size, known before anything is inflated
+    info: zipfile.ZipInfo
+
+
+class Reader:
+    """The members of a zip held in memory; stored members come back as views of it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = memoryview(body)
+        self._zip = zipfile.ZipFile(io.BytesIO(body))
+        self.members = [Member(i.filename, i.file_size, i) for i in self._zip.infolist()]
+
+    def read(self, member: Member, limit: int | None = None) -> memoryview | bytes:
+        """The member's bytes (at most `limit` of them for a deflated member)."""
+        info = member.info
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+            start = info.header_offset
+            local = self.body[start : start + _LOCAL.size]
+            if len(local) < _LOCAL.size or _LOCAL.unpack(local)[0] != 0x04034B50:
+                raise zipfile.BadZipFile(f"bad local header for {member.name!r}")
+            name_len, extra_len = _LOCAL.unpack(local)[-2:]
+            data_start = start + _LOCAL.size + name_len + extra_len
+            data = self.body[data_start : data_start + info.file_size]
+            if len(data) != info.file_size:
+                raise zipfile.BadZipFile(f"member {member.name!r} is truncated")
+            return data
+        with self._zip.open(info) as f:
+            return f.read(limit if limit is not None else -1)
