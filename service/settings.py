@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     compile_cache_size: int = Field(512, ge=1, description="compiled executables kept (LRU)")
     max_shapes_per_model: int = Field(32, ge=1, description="distinct input shapes kept per model")
     compile_cache_dir: Path | None = Field(default_factory=_default_cache_dir)
+    # None: allocate GPU memory on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false); a fraction
+    # preallocates that share of each GPU instead (XLA_PYTHON_CLIENT_MEM_FRACTION).
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     warmup: bool = True
 
     # Counted from the body's bytes before parsing (service/limits.py): 413.
@@ -60,6 +63,11 @@ class Settings(BaseSettings):
     # notice), then stop accepting and give in-flight work `shutdown_grace_s` to finish.
     shutdown_drain_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _empty_disables_cache(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("models", mode="before")
     @classmethod

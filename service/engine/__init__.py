@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -34,10 +35,16 @@ WARMUP_OPS = ("eval", "grad", "value_and_grad")
 
 def configure_jax(settings: Settings) -> None:
     """Process-wide JAX options; must run before JAX starts its backends."""
+    # JAX grabs 75% of a GPU's memory at start by default, so a second server (or a notebook)
+    # on the same GPU fails. Allocate on demand unless the operator chose otherwise.
+    if settings.gpu_memory_fraction is not None:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{settings.gpu_memory_fraction:g}"
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     jax.config.update("jax_enable_x64", settings.x64)
     if settings.cpu_devices:
         jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
-    if settings.compile_cache_dir is not None and str(settings.compile_cache_dir):
+    if settings.compile_cache_dir is not None:
         settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(settings.compile_cache_dir))
         # JAX skips programs that compile fast or are small; ours are mostly both on CPU.
