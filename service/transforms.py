@@ -94,6 +94,12 @@ def _drop_axis(tree: Any, axes: Any) -> Any:
     if tree is None or not isinstance(axes, int) or not tree.shape:
         return tree
     shape = list(tree.shape)
+    if not -len(shape) <= axes < len(shape):  # a client's value: a 422, not an IndexError
+        raise InvalidInput(
+            f"vmap in_axes {axes} is out of range for an argument with {len(shape)} dimension(s)",
+            code="invalid_transform",
+            loc=("transforms",),
+        )
     del shape[axes]
     return _Aval(tuple(shape), tree.dtype)
 

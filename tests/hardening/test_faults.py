@@ -64,3 +64,11 @@ def test_binary_nonfinite_roundtrip(limited):
     got = wire.decode_tree(response.json()["value"])
     want = np.asarray(jax.jit(faulty.nonfinite)(jnp.asarray(X)))
     assert got.tobytes() == want.tobytes()  # bit for bit, NaN payloads included
+
+
+@pytest.mark.parametrize("in_axes", [5, -7, 2**40])
+def test_vmap_axis_out_of_range_is_422_not_500(limited, in_axes):
+    """Found by hand after fuzzing: `in_axes` is free-form in the schema."""
+    body = wire.dumps({"args": [[1.0, 2.0]], "transforms": [{"op": "vmap", "in_axes": in_axes}]})
+    assert_problem(send(limited, "tanh", "call", body), 422, "invalid_transform", "in_axes")
+    still_serving(limited)
