@@ -7,6 +7,7 @@ to docs/benchmarks.md with the machine and date. `--quick` runs fewer repetition
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -20,13 +21,8 @@ from bench.harness import ROOT, Server, Table
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, jax {jax.__version__}, {jax.default_backend()}"
 
 

@@ -35,28 +35,65 @@ def roundtrip(table: Table, server: Server, calls: int) -> None:
                     out.append(elapsed)
     g50, n50 = percentile(grad_s, 50), percentile(noop_s, 50)
     g99, n99 = percentile(grad_s, 99), percentile(noop_s, 99)
-    table.add(Row("a. tiny grad round trip p50 vs no-op", f"{g50 * 1e3:.3f} ms vs {n50 * 1e3:.3f} ms", g50 / n50, "<= 1.3", g50 / n50 <= 1.3))
-    table.add(Row("a. tiny grad round trip p99 vs no-op", f"{g99 * 1e3:.3f} ms vs {n99 * 1e3:.3f} ms", g99 / n99, "(reported)", None))
+    table.add(
+        Row(
+            "a. tiny grad round trip p50 vs no-op",
+            f"{g50 * 1e3:.3f} ms vs {n50 * 1e3:.3f} ms",
+            g50 / n50,
+            "<= 1.3",
+            g50 / n50 <= 1.3,
+        )
+    )
+    table.add(
+        Row(
+            "a. tiny grad round trip p99 vs no-op",
+            f"{g99 * 1e3:.3f} ms vs {n99 * 1e3:.3f} ms",
+            g99 / n99,
+            "(reported)",
+            None,
+        )
+    )
 
 
 def throughput(table: Table, server: Server, seconds: int) -> None:
     """(b) requests/s with 8 connections, from wrk (C, so the load generator is not the limit)."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        table.add(Row("b. requests/s, 8 clients", "skipped: install wrk (apt-get install wrk)", None, "(reported)", None))
+        table.add(
+            Row(
+                "b. requests/s, 8 clients",
+                "skipped: install wrk (apt-get install wrk)",
+                None,
+                "(reported)",
+                None,
+            )
+        )
         return
     rates = {}
     for path in ("/v1/models/tanh/grad", "/bench/noop"):
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-            script.write(f'wrk.method = "POST"\nwrk.body = \'{TINY_BODY.decode()}\'\nwrk.headers["Content-Type"] = "application/json"\n')
+            script.write(
+                f'wrk.method = "POST"\nwrk.body = \'{TINY_BODY.decode()}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+            )
         out = subprocess.run(
-            [wrk, "-t1", "-c8", f"-d{seconds}s", "-s", script.name, server.url + path], capture_output=True, text=True, check=True
+            [wrk, "-t1", "-c8", f"-d{seconds}s", "-s", script.name, server.url + path],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         Path(script.name).unlink()
         rates[path] = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
         assert "Non-2xx" not in out, out
     g, n = rates["/v1/models/tanh/grad"], rates["/bench/noop"]
-    table.add(Row("b. requests/s, 8 clients (wrk), tiny grad vs no-op", f"{g:.0f}/s vs {n:.0f}/s", g / n, "(reported)", None))
+    table.add(
+        Row(
+            "b. requests/s, 8 clients (wrk), tiny grad vs no-op",
+            f"{g:.0f}/s vs {n:.0f}/s",
+            g / n,
+            "(reported)",
+            None,
+        )
+    )
 
 
 def transfer(table: Table, server: Server, repeats: int) -> None:
@@ -72,7 +109,7 @@ def transfer(table: Table, server: Server, repeats: int) -> None:
             samples = []
             for _ in range(n + 1):
                 t0 = time.perf_counter()
-                y, pullback = vjp(f, x)
+                _, pullback = vjp(f, x)
                 (ct,) = pullback(u)
                 samples.append(time.perf_counter() - t0)
             np.testing.assert_allclose(ct, 6 * x, rtol=1e-6)
@@ -81,7 +118,16 @@ def transfer(table: Table, server: Server, repeats: int) -> None:
         target = "<= 15 ms" if encoding == "npz" else "(reported)"
         met = t <= 0.015 if encoding == "npz" else None
         ratio = t / times["npz"]
-        table.add(Row(f"c. 1M-float32 VJP, {encoding}", f"{t * 1e3:.1f} ms, {megabytes / t:.0f} MB/s", ratio, target, met, "ratio: time / npz time"))
+        table.add(
+            Row(
+                f"c. 1M-float32 VJP, {encoding}",
+                f"{t * 1e3:.1f} ms, {megabytes / t:.0f} MB/s",
+                ratio,
+                target,
+                met,
+                "ratio: time / npz time",
+            )
+        )
 
 
 def batching(table: Table, on: Server, off: Server, rounds: int) -> None:
@@ -103,7 +149,16 @@ def batching(table: Table, on: Server, off: Server, rounds: int) -> None:
 
     t_on, t_off = asyncio.run(measure(on)), asyncio.run(measure(off))
     gain = t_off / t_on
-    table.add(Row("d. 32 concurrent mlp_loss grads, batching on vs off", f"{t_on * 1e3:.1f} ms vs {t_off * 1e3:.1f} ms", gain, ">= 4x", gain >= 4, "ratio: off / on"))
+    table.add(
+        Row(
+            "d. 32 concurrent mlp_loss grads, batching on vs off",
+            f"{t_on * 1e3:.1f} ms vs {t_off * 1e3:.1f} ms",
+            gain,
+            ">= 4x",
+            gain >= 4,
+            "ratio: off / on",
+        )
+    )
 
 
 def remote_vs_local(table: Table, server: Server, repeats: int) -> None:
@@ -129,7 +184,15 @@ def remote_vs_local(table: Table, server: Server, repeats: int) -> None:
             t_local.append(time.perf_counter() - t0)
     np.testing.assert_allclose(g, local(params, x, y), rtol=1e-4, atol=1e-6)
     r, lo = median(t_remote), median(t_local)
-    table.add(Row("e. mlp_loss grad, batch 128: remote vs local JAX", f"{r * 1e3:.2f} ms vs {lo * 1e3:.2f} ms", r / lo, "<= 1.15", r / lo <= 1.15))
+    table.add(
+        Row(
+            "e. mlp_loss grad, batch 128: remote vs local JAX",
+            f"{r * 1e3:.2f} ms vs {lo * 1e3:.2f} ms",
+            r / lo,
+            "<= 1.15",
+            r / lo <= 1.15,
+        )
+    )
 
 
 def hvp_vs_grad(table: Table, server: Server, repeats: int) -> None:
@@ -152,8 +215,14 @@ def hvp_vs_grad(table: Table, server: Server, repeats: int) -> None:
             h = hvp(f, (X,), (V,))
             t_hvp.append(time.perf_counter() - t0)
         after = server.peak_rss_mb()
-    local = jax.jit(lambda X, V: jax.jvp(jax.grad(lambda X: jax.numpy.sum(jax.numpy.tanh(X) ** 2)), (X,), (V,))[1])
-    np.testing.assert_allclose(np.asarray(h[0] if isinstance(h, (tuple, list)) else h), local(X, V), rtol=1e-4, atol=1e-5)
+    local = jax.jit(
+        lambda X, V: jax.jvp(jax.grad(lambda X: jax.numpy.sum(jax.numpy.tanh(X) ** 2)), (X,), (V,))[
+            1
+        ]
+    )
+    np.testing.assert_allclose(
+        np.asarray(h[0] if isinstance(h, (tuple, list)) else h), local(X, V), rtol=1e-4, atol=1e-5
+    )
     tg, th = median(t_grad), median(t_hvp)
     table.add(
         Row(
@@ -177,7 +246,12 @@ def restart(table: Table) -> None:
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline:
                     try:
-                        r = httpx.post(f"{server.url}/v1/models/logistic_loss/grad", content=b'{"args":[[1,2,3],0.5]}', headers=JSON, timeout=5)
+                        r = httpx.post(
+                            f"{server.url}/v1/models/logistic_loss/grad",
+                            content=b'{"args":[[1,2,3],0.5]}',
+                            headers=JSON,
+                            timeout=5,
+                        )
                         if r.status_code == 200:
                             break
                     except httpx.TransportError:
@@ -189,4 +263,12 @@ def restart(table: Table) -> None:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     cold, warm = times
-    table.add(Row("g. start to first answer: warm vs cold compile cache", f"{warm:.2f} s vs {cold:.2f} s", warm / cold, "<= 0.5", warm / cold <= 0.5))
+    table.add(
+        Row(
+            "g. start to first answer: warm vs cold compile cache",
+            f"{warm:.2f} s vs {cold:.2f} s",
+            warm / cold,
+            "<= 0.5",
+            warm / cold <= 0.5,
+        )
+    )

@@ -97,7 +97,11 @@ class Table:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
-        print(f"  {row.case}: {row.measured}" + (f"  ratio {row.ratio:.2f}" if row.ratio is not None else ""), flush=True)
+        print(
+            f"  {row.case}: {row.measured}"
+            + (f"  ratio {row.ratio:.2f}" if row.ratio is not None else ""),
+            flush=True,
+        )
 
     def markdown(self) -> str:
         lines = ["| case | measured | ratio | target | met |", "|---|---|---|---|---|"]

@@ -35,7 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
     settings = Settings(host="127.0.0.1", port=args.port)
-    uvicorn.run(build_app(settings), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        build_app(settings), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

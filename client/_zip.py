@@ -44,12 +44,33 @@ def write(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
         header = _LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(encoded), 0)
         parts += [header, encoded, *buffers]
         central.append(
-            _CENTRAL.pack(0x02014B50, 20, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(encoded), 0, 0, 0, 0, 0, offset)
+            _CENTRAL.pack(
+                0x02014B50,
+                20,
+                20,
+                0,
+                0,
+                0,
+                _DOS_DATE,
+                crc,
+                size,
+                size,
+                len(encoded),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
             + encoded
         )
         offset += len(header) + len(encoded) + size
     directory = b"".join(central)
-    parts += [directory, _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0)]
+    parts += [
+        directory,
+        _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0),
+    ]
     return b"".join(parts)
 
 

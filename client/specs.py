@@ -167,7 +167,7 @@ def _leaves_with_path(tree: Any, spec: SpecTree, path: tuple) -> Iterator[tuple]
         kind = "a tuple" if isinstance(spec, tuple) else "a list"
         if not isinstance(tree, (list, tuple)) or len(tree) != len(spec):
             raise _tree_mismatch(path, f"{kind} of {len(spec)}", tree)
-        for i, (item, sub) in enumerate(zip(tree, spec)):
+        for i, (item, sub) in enumerate(zip(tree, spec, strict=True)):
             yield from _leaves_with_path(item, sub, (*path, i))
     elif isinstance(spec, ArraySpec):
         if not _is_array(tree):
@@ -217,7 +217,7 @@ def check_args(
             code="arity_mismatch",
             loc=(field,),
         )
-    for i, (arg, spec) in enumerate(zip(args, specs)):
+    for i, (arg, spec) in enumerate(zip(args, specs, strict=True)):
         try:
             for path, x, leaf in _leaves_with_path(arg, spec, (i,)):
                 _check_leaf(path, x, leaf)
@@ -234,6 +234,6 @@ def _check_leaf(path: tuple, x: np.ndarray, spec: ArraySpec) -> None:
     if spec.shape is None:
         return
     if len(x.shape) != len(spec.shape) or any(
-        d is not None and d != n for d, n in zip(spec.shape, x.shape)
+        d is not None and d != n for d, n in zip(spec.shape, x.shape, strict=True)
     ):
         raise _Mismatch(path, f"expects {want}, got {describe_array(x)}", "shape_mismatch")

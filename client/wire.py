@@ -48,11 +48,16 @@ def _bad(msg: str, code: str = "invalid_body", loc: tuple = ()) -> InvalidInput:
 
 def is_leaf_object(obj: Mapping) -> bool:
     """An object whose keys are dtype, shape and data keys is a leaf, never a dict."""
-    return "dtype" in obj and any(k in obj for k in _DATA_KEYS) and obj.keys() <= {
-        "dtype",
-        "shape",
-        *_DATA_KEYS,
-    }
+    return (
+        "dtype" in obj
+        and any(k in obj for k in _DATA_KEYS)
+        and obj.keys()
+        <= {
+            "dtype",
+            "shape",
+            *_DATA_KEYS,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- JSON leaves
@@ -76,12 +81,12 @@ def encode_array(x: Any, binary: bool = False) -> dict[str, Any]:
 def _float_data(flat: np.ndarray) -> Any:
     if flat.dtype.name == "bfloat16":  # no JSON library knows it; float32 holds it exactly
         flat = flat.astype(np.float32)
-    if orjson is not None and flat.dtype in (np.float16, np.float32, np.float64):
-        if np.isfinite(flat).all():
-            # orjson writes the shortest repr of each float32, so 0.070650816 stays short.
-            return np.ascontiguousarray(flat)
+    finite = bool(np.isfinite(flat).all())
+    if finite and orjson is not None and flat.dtype in (np.float16, np.float32, np.float64):
+        # orjson writes the shortest repr of each float32, so 0.070650816 stays short.
+        return np.ascontiguousarray(flat)
     values = flat.tolist()
-    if not np.isfinite(flat).all():
+    if not finite:
         values = [v if math.isfinite(v) else ("NaN" if v != v else repr_inf(v)) for v in values]
     return values
 
@@ -99,9 +104,10 @@ def _numeric(values: Any, dtype: np.dtype, loc: tuple) -> np.ndarray:
         arr = np.asarray(_replace_nonfinite(values, loc))
     if arr.dtype.kind not in "biufc" or arr.dtype == object:
         raise _bad("array data must be numbers, bools, or 'NaN'/'Infinity'/'-Infinity'", loc=loc)
-    if arr.dtype.kind in "fc" and dtype.kind in "iub":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise _bad(f"non-integer data for an array of dtype {dtype_name(dtype)}", loc=loc)
+    if (arr.dtype.kind in "fc" and dtype.kind in "iub") and (
+        not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
+    ):
+        raise _bad(f"non-integer data for an array of dtype {dtype_name(dtype)}", loc=loc)
     try:
         if dtype.kind in "iu" and arr.dtype.kind in "fO":
             # Python ints beyond int64 (uint64 data) came through as floats: convert afresh.
@@ -244,7 +250,9 @@ def decode_tree(
         ]
         return tuple(items) if isinstance(spec, tuple) else items
     if isinstance(obj, list) and not isinstance(spec, ArraySpec) and not _is_plain_array(obj):
-        return [decode_tree(v, default_dtype=default_dtype, loc=(*loc, i)) for i, v in enumerate(obj)]
+        return [
+            decode_tree(v, default_dtype=default_dtype, loc=(*loc, i)) for i, v in enumerate(obj)
+        ]
     if obj is None:
         return None
     if isinstance(obj, (bool, int, float, list)):

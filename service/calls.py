@@ -130,7 +130,9 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
         extra = decode(request.tangents, tangent_specs, "tangents")
         _check_tangents(model.name, tangent_specs, args, extra, program.batched)
     elif op == "vjp":
-        extra = _map(canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",)))
+        extra = _map(
+            canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",))
+        )
         _check_batch(model.name, leaves(extra), "cotangent", program.batched)
     call = Call(model, op, program, args, extra, request.binary)
     limits.check_batch(call, settings)

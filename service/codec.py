@@ -82,7 +82,9 @@ async def read_body(request: Request, settings: Settings) -> bytes:
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"body of {size} bytes is over the {limit}-byte limit", code="payload_too_large")
+    return PayloadTooLarge(
+        f"body of {size} bytes is over the {limit}-byte limit", code="payload_too_large"
+    )
 
 
 def decode_body(body: bytes, media: str, settings: Settings) -> Any:

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _PERSISTENT_CACHE_EVENTS = {
     "/jax/compilation_cache/cache_hits": "hit",
@@ -23,7 +42,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "gradserve_requests", "HTTP requests answered, by model, op and status", ["model", "op", "status"], registry=registry
+            "gradserve_requests",
+            "HTTP requests answered, by model, op and status",
+            ["model", "op", "status"],
+            registry=registry,
         )
         self.latency = Histogram(
             "gradserve_request_seconds",
@@ -40,14 +62,25 @@ class Metrics:
             registry=registry,
         )
         self.batch_size = Histogram(
-            "gradserve_batch_size", "Requests run together in one executable", buckets=_BATCH_BUCKETS, registry=registry
+            "gradserve_batch_size",
+            "Requests run together in one executable",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
         )
-        self.compiles = Counter("gradserve_compiles", "XLA compilations, by model", ["model"], registry=registry)
+        self.compiles = Counter(
+            "gradserve_compiles", "XLA compilations, by model", ["model"], registry=registry
+        )
         self.compile_seconds = Histogram(
-            "gradserve_compile_seconds", "Time to trace and compile one program", buckets=_LATENCY_BUCKETS, registry=registry
+            "gradserve_compile_seconds",
+            "Time to trace and compile one program",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.cache = Counter(
-            "gradserve_compile_cache", "In-memory executable cache: hit, miss, eviction", ["result"], registry=registry
+            "gradserve_compile_cache",
+            "In-memory executable cache: hit, miss, eviction",
+            ["result"],
+            registry=registry,
         )
         self.persistent_cache = Counter(
             "gradserve_persistent_cache",
@@ -55,8 +88,15 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        self.queue_depth = Gauge("gradserve_queue_depth", "Requests waiting, by device", ["device"], registry=registry)
-        self.bytes = Counter("gradserve_bytes", "Body bytes, by direction (in, out)", ["direction"], registry=registry)
+        self.queue_depth = Gauge(
+            "gradserve_queue_depth", "Requests waiting, by device", ["device"], registry=registry
+        )
+        self.bytes = Counter(
+            "gradserve_bytes",
+            "Body bytes, by direction (in, out)",
+            ["direction"],
+            registry=registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -76,7 +116,5 @@ class Metrics:
     def stop_counting_persistent_cache_events(self, listener: Callable[..., None]) -> None:
         from jax._src import monitoring  # the public module has no unregister yet
 
-        try:
+        with contextlib.suppress(AttributeError, ValueError):
             monitoring.unregister_event_listener(listener)
-        except (AttributeError, ValueError):
-            pass

@@ -56,7 +56,10 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @router.get(
-    "/v1/models/{name}", response_model=ModelInfo, tags=["models"], responses={404: {"model": Problem}}
+    "/v1/models/{name}",
+    response_model=ModelInfo,
+    tags=["models"],
+    responses={404: {"model": Problem}},
 )
 async def get_model(name: str, request: Request) -> dict[str, Any]:
     """One model, with its input specs (`null` in a shape: any size), output spec and ops."""
@@ -132,13 +135,18 @@ def _add_op_route(op: str) -> None:
                 "content": {wire.JSON: {}, **_BODY_CONTENT},
                 "description": "The result; JSON or npz following Accept",
             },
-            **{status: {"model": Problem} for status in (400, 404, 406, 413, 415, 422, 429, 503, 504)},
+            **{
+                status: {"model": Problem}
+                for status in (400, 404, 406, 413, 415, 422, 429, 503, 504)
+            },
         },
         openapi_extra={
             "requestBody": {
                 "required": True,
                 "content": {
-                    wire.JSON: {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}},
+                    wire.JSON: {
+                        "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}
+                    },
                     **_BODY_CONTENT,
                 },
             }
@@ -154,4 +162,3 @@ for _op in OPS:
 async def unknown_op(name: str, op: str, request: Request) -> Response:
     state_of(request).registry.get(name)
     raise ModelNotFound(f"no op {op!r}; ops are {', '.join(OPS)}", code="op_not_found")
-

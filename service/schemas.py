@@ -7,7 +7,7 @@ which no static schema can know.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -62,7 +62,7 @@ Pytree = Annotated[
         }
     ),
 ]
-Argnums = Union[int, list[int]]
+Argnums = int | list[int]
 
 
 class _Body(BaseModel):

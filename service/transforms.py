@@ -23,7 +23,19 @@ from client.specs import describe_array
 
 FUNCTION_TRANSFORMS = ("grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian", "vmap")
 APPLICATIONS = ("eval", "jvp", "vjp", "hvp")
-OPS = ("eval", "grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian", "jvp", "vjp", "hvp", "call")
+OPS = (
+    "eval",
+    "grad",
+    "value_and_grad",
+    "jacfwd",
+    "jacrev",
+    "jacobian",
+    "hessian",
+    "jvp",
+    "vjp",
+    "hvp",
+    "call",
+)
 HVP_MODES = ("fwd_rev", "rev_fwd", "rev_rev")
 _NEEDS_SCALAR = ("grad", "value_and_grad", "hessian")
 _DIFFERENTIATES = ("grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian")
@@ -86,7 +98,7 @@ def _drop_axis(tree: Any, axes: Any) -> Any:
         axes_by_key = dict(axes)
         return {k: _drop_axis(v, axes_by_key.get(k)) for k, v in tree.items()}
     if isinstance(axes, tuple) and isinstance(tree, (list, tuple)):
-        return type(tree)(_drop_axis(v, a) for v, a in zip(tree, axes))
+        return type(tree)(_drop_axis(v, a) for v, a in zip(tree, axes, strict=False))
     if isinstance(tree, Mapping):
         return {k: _drop_axis(v, axes) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -112,7 +124,7 @@ def per_example(args: tuple, transforms: Sequence[Transform]) -> tuple:
     for t in reversed(transforms):
         if t.op == "vmap":
             axes = t.in_axes if isinstance(t.in_axes, tuple) else (t.in_axes,) * len(args)
-            args = tuple(_drop_axis(a, ax) for a, ax in zip(args, axes))
+            args = tuple(_drop_axis(a, ax) for a, ax in zip(args, axes, strict=False))
     return args
 
 
@@ -132,7 +144,9 @@ def build_program(op: str, options: Mapping[str, Any], chain: Sequence[Transform
     if op in ("eval", "call"):
         return Program(chain)
     if op in ("jvp", "vjp", "hvp"):
-        return Program(chain, op, bool(options.get("batched", False)), options.get("mode") or "fwd_rev")
+        return Program(
+            chain, op, bool(options.get("batched", False)), options.get("mode") or "fwd_rev"
+        )
     return Program((*chain, Transform.of(op, **options)))
 
 
@@ -265,7 +279,7 @@ def compose(f: Callable, transforms: Sequence[Transform], model: str) -> Callabl
 
 
 def _vdot(a: Any, b: Any) -> Any:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _hvp(f: Callable, args: tuple, tangents: tuple, mode: str) -> Any:
@@ -274,7 +288,9 @@ def _hvp(f: Callable, args: tuple, tangents: tuple, mode: str) -> Any:
         return jax.jvp(jax.grad(f, argnums=every), args, tangents)[1]
     if mode == "rev_fwd":
         return jax.grad(lambda *a: jax.jvp(f, a, tangents)[1], argnums=every)(*args)
-    return jax.grad(lambda *a: _vdot(jax.grad(f, argnums=every)(*a), tangents), argnums=every)(*args)
+    return jax.grad(lambda *a: _vdot(jax.grad(f, argnums=every)(*a), tangents), argnums=every)(
+        *args
+    )
 
 
 def _tangent_axes(args: tuple) -> Any:
@@ -285,9 +301,9 @@ def _tangent_axes(args: tuple) -> Any:
 def with_float0(args: tuple, tangents: tuple) -> tuple:
     """JAX wants float0 tangents for integer primals; clients cannot send that dtype."""
     return jax.tree.map(
-        lambda x, t: t
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-        else np.zeros(x.shape, jax.dtypes.float0),
+        lambda x, t: (
+            t if jnp.issubdtype(x.dtype, jnp.inexact) else np.zeros(x.shape, jax.dtypes.float0)
+        ),
         args,
         tangents,
     )
@@ -298,6 +314,7 @@ def program_function(fn: Callable, program: Program, model: str) -> Callable:
 
     `fn(params, *args)` is the model; `extra` holds tangents or the cotangent.
     """
+
     def run(params: Any, args: tuple, extra: Any) -> Any:
         f = compose(lambda *a: fn(params, *a), program.transforms, model)
         if program.apply == "eval":

@@ -47,12 +47,14 @@ def decode(response: Any) -> dict[str, Any]:
     return {k: wire.decode_tree(v) for k, v in doc.items()}
 
 
-def assert_tree_equal(got: Any, want: Any, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def assert_tree_equal(
+    got: Any, want: Any, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     """Same structure (lists for tuples), same dtypes and shapes, and equal or allclose values."""
     got_leaves, got_def = jax.tree.flatten(got)
     want_leaves, want_def = jax.tree.flatten(to_numpy(want))
     assert len(got_leaves) == len(want_leaves), (got_def, want_def)
-    for g, w in zip(got_leaves, want_leaves):
+    for g, w in zip(got_leaves, want_leaves, strict=True):
         g, w = np.asarray(g), np.asarray(w)
         assert g.dtype == w.dtype, (g.dtype, w.dtype)
         assert g.shape == w.shape, (g.shape, w.shape)

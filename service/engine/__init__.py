@@ -57,7 +57,9 @@ class Engine:
 
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.registry, self.settings, self.metrics = registry, settings, metrics
-        self.cache = CompileCache(settings.compile_cache_size, settings.max_shapes_per_model, metrics)
+        self.cache = CompileCache(
+            settings.compile_cache_size, settings.max_shapes_per_model, metrics
+        )
         self.compiler = Compiler(self.cache, metrics, settings.max_output_elements)
         self._params: dict[tuple[str, int], Any] = {}
         self._params_lock = threading.Lock()
@@ -86,7 +88,9 @@ class Engine:
         try:
             candidates = jax.devices(platform)
         except RuntimeError:
-            log.warning("model %r prefers %s, which this machine lacks: placed on cpu", model.name, platform)
+            log.warning(
+                "model %r prefers %s, which this machine lacks: placed on cpu", model.name, platform
+            )
             candidates, index = jax.devices("cpu"), ""
         if index:
             return [candidates[int(index) % len(candidates)]]
@@ -104,7 +108,9 @@ class Engine:
         key = (model.name, device.id)
         with self._params_lock:
             if key not in self._params:
-                self._params[key] = jax.device_put(model.params, device) if model.has_params else None
+                self._params[key] = (
+                    jax.device_put(model.params, device) if model.has_params else None
+                )
             return self._params[key]
 
     # -- running --------------------------------------------------------------------------
@@ -115,7 +121,9 @@ class Engine:
         429 when that queue is full; 504 at the deadline, with the work dropped if it has not
         started (work already running finishes, and its answer is discarded).
         """
-        workers = min((self._workers[d] for d in self._placement[call.model.name]), key=lambda w: w.load)
+        workers = min(
+            (self._workers[d] for d in self._placement[call.model.name]), key=lambda w: w.load
+        )
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
         workers.submit(item)
@@ -159,7 +167,9 @@ class Engine:
                 for device in self._placement[model.name]:
                     try:
                         placed = jax.device_put((args, None), device)
-                        _, seconds = self.compiler.executable(call, device, self.params_for(model, device), *placed)
+                        _, seconds = self.compiler.executable(
+                            call, device, self.params_for(model, device), *placed
+                        )
                     except APIError:
                         break  # e.g. grad of a non-scalar model: not a common op for it
                     compiled += seconds > 0

@@ -79,7 +79,9 @@ class CompileCache:
     def _evict(self, key: CacheKey) -> None:
         del self._entries[key]
         shapes = self._shapes.get(key.model)
-        if shapes is not None and not any(k.model == key.model and k.avals == key.avals for k in self._entries):
+        if shapes is not None and not any(
+            k.model == key.model and k.avals == key.avals for k in self._entries
+        ):
             shapes.pop(key.avals, None)
         self.metrics.cache.labels("eviction").inc()
 
@@ -106,7 +108,12 @@ class Compiler:
         """
         model = call.model
         key = CacheKey(
-            model.name, model.spec.version, call.program, device.id, avals_key((args, extra)), bucket
+            model.name,
+            model.spec.version,
+            call.program,
+            device.id,
+            avals_key((args, extra)),
+            bucket,
         )
         compiled = self.cache.get(key)
         if compiled is not None:
@@ -114,7 +121,9 @@ class Compiler:
         t0 = time.perf_counter()
         fn = program_function(model.bound(), call.program, model.name)
         if bucket:
-            compiled = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0))).lower(params, args, extra).compile()
+            compiled = (
+                jax.jit(jax.vmap(fn, in_axes=(None, 0, 0))).lower(params, args, extra).compile()
+            )
         else:
             try:
                 if call.op == "vjp":
@@ -151,7 +160,9 @@ class Compiler:
         def spec(x: Any) -> ArraySpec:
             return ArraySpec((None, *x.shape) if batched else tuple(x.shape), dtype_name(x.dtype))
 
-        check_args(call.model.name, [jax.tree.map(spec, function_output)], [call.extra], what="cotangent")
+        check_args(
+            call.model.name, [jax.tree.map(spec, function_output)], [call.extra], what="cotangent"
+        )
 
 
 def _model_error(call: Call, e: Exception) -> InvalidInput:

@@ -93,8 +93,17 @@ class DeviceWorkers:
         max_batch_size: int,
         max_batch_delay: float,
     ) -> None:
-        self.device, self.compiler, self.metrics, self.params_for = device, compiler, metrics, params_for
-        self.max_queue, self.max_batch_size, self.max_batch_delay = max_queue, max_batch_size, max_batch_delay
+        self.device, self.compiler, self.metrics, self.params_for = (
+            device,
+            compiler,
+            metrics,
+            params_for,
+        )
+        self.max_queue, self.max_batch_size, self.max_batch_delay = (
+            max_queue,
+            max_batch_size,
+            max_batch_delay,
+        )
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._busy = 0
@@ -107,7 +116,8 @@ class DeviceWorkers:
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
         self._threads = [
-            threading.Thread(target=self._run, name=f"gradserve-{device}-{i}", daemon=True) for i in range(threads)
+            threading.Thread(target=self._run, name=f"gradserve-{device}-{i}", daemon=True)
+            for i in range(threads)
         ]
         for t in self._threads:
             t.start()
@@ -183,14 +193,22 @@ class DeviceWorkers:
                     break
                 self._forget(first)
             now = time.perf_counter()
-            limit = 1 if first.key in self._unbatchable else first.call.model.spec.max_batch_size or self.max_batch_size
+            limit = (
+                1
+                if first.key in self._unbatchable
+                else first.call.model.spec.max_batch_size or self.max_batch_size
+            )
             batch = [first]
             self._take_same_key(batch, limit)
             # Only a key seeing concurrent traffic lately waits for companions: a sequential
             # client never pays the delay.
             concurrent = now - self._overlapped.get(first.key, -1.0) < _OVERLAP_MEMORY_S
             deadline = now + self.max_batch_delay
-            while concurrent and len(batch) < limit and (remaining := deadline - time.perf_counter()) > 0:
+            while (
+                concurrent
+                and len(batch) < limit
+                and (remaining := deadline - time.perf_counter()) > 0
+            ):
                 self._cond.wait(remaining)
                 self._take_same_key(batch, limit)
             self._depth.set(len(self._queue))
@@ -218,11 +236,13 @@ class DeviceWorkers:
                 values = [value]
             else:
                 values, compile_s, compute_s = self._run_batched(batch)
-        except Exception as error:  # noqa: BLE001 - every item must be answered
+        except Exception as error:
             if len(batch) > 1 and not isinstance(error, APIError):
                 # The stacked program failed (say, the model cannot be vmapped): never batch
                 # this key again, and answer each request on its own.
-                log.warning("batching %s failed (%s); running unbatched", batch[0].call.model.name, error)
+                log.warning(
+                    "batching %s failed (%s); running unbatched", batch[0].call.model.name, error
+                )
                 self._unbatchable.add(batch[0].key)
                 for item in batch:
                     self._execute([item])
@@ -231,7 +251,7 @@ class DeviceWorkers:
                 item.resolve(None, error)
             return
         self.metrics.batch_size.observe(len(batch))
-        for item, value in zip(batch, values):
+        for item, value in zip(batch, values, strict=True):
             timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
             for phase, seconds in timings.items():
                 self.metrics.phase.labels(phase).observe(seconds)
@@ -259,7 +279,9 @@ class DeviceWorkers:
         single = jax.device_put((call.args, call.extra), self.device)
         _, check_s = self.compiler.executable(call, self.device, params, *single)
         args, extra = jax.device_put((stacked_args, stacked_extra), self.device)
-        compiled, compile_s = self.compiler.executable(call, self.device, params, args, extra, bucket)
+        compiled, compile_s = self.compiler.executable(
+            call, self.device, params, args, extra, bucket
+        )
         compile_s += check_s
         t0 = time.perf_counter()
         out = _fetch(compiled(params, args, extra))

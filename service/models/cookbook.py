@@ -72,7 +72,9 @@ def logistic_loss_dict(params: dict[str, jax.Array]) -> jax.Array:
     return _nll(predict(params["W"], params["b"], INPUTS))
 
 
-@model("tanh_sq_sum", inputs=[F32_ANY], output=((), "float32"), description="sum(tanh(X)**2) (In[19])")
+@model(
+    "tanh_sq_sum", inputs=[F32_ANY], output=((), "float32"), description="sum(tanh(X)**2) (In[19])"
+)
 def tanh_sq_sum(X: jax.Array) -> jax.Array:
     return jnp.sum(jnp.tanh(X) ** 2)
 
@@ -120,7 +122,7 @@ def mlp_init(key: jax.Array, sizes: tuple[int, ...] = MLP_SIZES) -> list[dict[st
             "W": jax.random.normal(k, (m, n), jnp.float32) / jnp.sqrt(m),
             "b": jnp.zeros((n,), jnp.float32),
         }
-        for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
     ]
 
 

@@ -21,16 +21,34 @@ def _sleep_then_copy(x: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     return np.asarray(x)
 
 
-@model("slow", inputs=[((), "float32"), ((), "float32")], max_batch_size=1, description="sleeps `seconds`")
+@model(
+    "slow",
+    inputs=[((), "float32"), ((), "float32")],
+    max_batch_size=1,
+    description="sleeps `seconds`",
+)
 def slow(x: jax.Array, seconds: jax.Array) -> jax.Array:
-    return jax.pure_callback(_sleep_then_copy, jax.ShapeDtypeStruct(x.shape, x.dtype), x, seconds, vmap_method="sequential")
+    return jax.pure_callback(
+        _sleep_then_copy,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        x,
+        seconds,
+        vmap_method="sequential",
+    )
 
 
-@model("spread", inputs=[((None,), "float32")], replicas=0, description="sum(sin(x)**2) on every CPU device")
+@model(
+    "spread",
+    inputs=[((None,), "float32")],
+    replicas=0,
+    description="sum(sin(x)**2) on every CPU device",
+)
 def spread(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sin(x) ** 2)
 
 
-@model("wants_gpu", inputs=[((), "float32")], device="gpu", description="placed on CPU where no GPU")
+@model(
+    "wants_gpu", inputs=[((), "float32")], device="gpu", description="placed on CPU where no GPU"
+)
 def wants_gpu(x: jax.Array) -> jax.Array:
     return x * 2

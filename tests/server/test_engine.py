@@ -25,7 +25,9 @@ ENGINE_MODELS = str(Path(__file__).with_name("engine_models.py"))
 
 
 def timing(response: httpx.Response, name: str) -> str:
-    match = re.search(rf'{name};(?:dur=([0-9.]+)|desc="([^"]*)")', response.headers["server-timing"])
+    match = re.search(
+        rf'{name};(?:dur=([0-9.]+)|desc="([^"]*)")', response.headers["server-timing"]
+    )
     assert match, response.headers["server-timing"]
     return match.group(1) or match.group(2)
 
@@ -67,7 +69,9 @@ async def test_concurrent_requests_batch_and_equal_unbatched():
 
         async def one(i: int) -> httpx.Response:
             body = wire.dump_npz({"args": [xs[i], ys[i]]})
-            return await client.post("/v1/models/mlp_loss/grad", content=body, headers={"content-type": wire.NPZ})
+            return await client.post(
+                "/v1/models/mlp_loss/grad", content=body, headers={"content-type": wire.NPZ}
+            )
 
         await one(0)  # compile the unbatched program first
         responses = await asyncio.gather(*(one(i) for i in range(32)))
@@ -102,13 +106,18 @@ def test_compile_cache_lru_and_shape_cap():
 
 
 def test_served_cache_holds_its_bounds(app_factory):
-    with app_factory(compile_cache_size=3, max_shapes_per_model=2, max_shapes_per_minute=1000) as client:
+    with app_factory(
+        compile_cache_size=3, max_shapes_per_model=2, max_shapes_per_minute=1000
+    ) as client:
         for n in range(1, 7):
             r = client.post("/v1/models/tanh_sq_sum/grad", json={"args": [[0.5] * n]})
             assert r.status_code == 200, r.text
         engine = client.app.state.gradserve.engine
         assert len(engine.cache) <= 3 and engine.cache.shapes("tanh_sq_sum") <= 2
-        assert metric(client.get("/metrics").text, 'gradserve_compile_cache_total{result="eviction"}') >= 3
+        assert (
+            metric(client.get("/metrics").text, 'gradserve_compile_cache_total{result="eviction"}')
+            >= 3
+        )
 
 
 def test_full_queue_is_429_with_retry_after(app_factory):
@@ -143,7 +152,10 @@ def test_deadline_is_504_and_unstarted_work_is_dropped(app_factory):
         def call(seconds: float) -> None:
             results.append(client.post("/v1/models/slow/eval", json={"args": [1.0, seconds]}))
 
-        threads = [threading.Thread(target=call, args=(1.0,)), threading.Thread(target=call, args=(0.0,))]
+        threads = [
+            threading.Thread(target=call, args=(1.0,)),
+            threading.Thread(target=call, args=(0.0,)),
+        ]
         for t in threads:
             t.start()
             time.sleep(0.1)
@@ -173,7 +185,10 @@ def test_healthz_answers_while_every_worker_is_busy(app_factory):
 
 
 def test_gpu_preference_falls_back_to_cpu(app_factory, caplog):
-    with caplog.at_level("WARNING", logger="gradserve"), app_factory(models=[ENGINE_MODELS]) as client:
+    with (
+        caplog.at_level("WARNING", logger="gradserve"),
+        app_factory(models=[ENGINE_MODELS]) as client,
+    ):
         r = client.post("/v1/models/wants_gpu/eval", json={"args": [2.0]})
         assert r.status_code == 200 and timing(r, "device").startswith("cpu")
     assert any("prefers gpu" in m for m in caplog.messages)
@@ -200,9 +215,19 @@ def test_routing_spreads_over_two_cpu_devices(two_device_server):
     body = wire.dump_npz({"args": [x]})
 
     def one(_: int) -> str:
-        r = httpx.post(f"{two_device_server.url}/v1/models/spread/grad", content=body, headers={"content-type": wire.NPZ}, timeout=30)
+        r = httpx.post(
+            f"{two_device_server.url}/v1/models/spread/grad",
+            content=body,
+            headers={"content-type": wire.NPZ},
+            timeout=30,
+        )
         assert r.status_code == 200, r.text
-        assert_tree_equal(decode(r)["grad"], jax.grad(lambda v: jax.numpy.sum(jax.numpy.sin(v) ** 2))(x), rtol=1e-4, atol=1e-6)
+        assert_tree_equal(
+            decode(r)["grad"],
+            jax.grad(lambda v: jax.numpy.sum(jax.numpy.sin(v) ** 2))(x),
+            rtol=1e-4,
+            atol=1e-6,
+        )
         return timing(r, "device")
 
     with ThreadPoolExecutor(8) as pool:

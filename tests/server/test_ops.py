@@ -98,7 +98,9 @@ def test_mlp_loss_grad_and_hvp_with_server_params(app_client):
     assert_tree_equal(out["grad"], grad, atol=1e-6)
     # Integer labels: jvp gives them float0 tangents; the client may send zeros of any dtype.
     t = RNG.standard_normal((3, 784)).astype(np.float32)
-    out = post(app_client, "mlp_loss", "jvp", "npz", args=[x, y], tangents=[t, np.zeros(3, np.int32)])
+    out = post(
+        app_client, "mlp_loss", "jvp", "npz", args=[x, y], tangents=[t, np.zeros(3, np.int32)]
+    )
     want = jax.jvp(lambda x: cb.mlp_loss(params, x, y), (x,), (t,))[1]
     assert_tree_equal(out["tangent"], want, rtol=1e-4, atol=1e-6)
 
@@ -111,7 +113,13 @@ def test_vmap_of_grad_in_one_call(app_client):
 
 def test_vmap_in_axes(app_client):
     Ws = RNG.standard_normal((5, 3)).astype(np.float32)
-    out = post(app_client, "logistic_loss", "call", args=[Ws, B], transforms=[{"op": "grad"}, {"op": "vmap", "in_axes": [0, None]}])
+    out = post(
+        app_client,
+        "logistic_loss",
+        "call",
+        args=[Ws, B],
+        transforms=[{"op": "grad"}, {"op": "vmap", "in_axes": [0, None]}],
+    )
     assert_tree_equal(out["value"], jax.vmap(jax.grad(cb.logistic_loss), in_axes=(0, None))(Ws, B))
 
 
@@ -119,7 +127,9 @@ def test_transforms_before_jvp(app_client):
     # Extension: a transform chain applied before jvp gives forward-over-reverse in one request.
     X = RNG.standard_normal((4, 5)).astype(np.float32)
     V = RNG.standard_normal((4, 5)).astype(np.float32)
-    out = post(app_client, "tanh_sq_sum", "jvp", args=[X], tangents=[V], transforms=[{"op": "grad"}])
+    out = post(
+        app_client, "tanh_sq_sum", "jvp", args=[X], tangents=[V], transforms=[{"op": "grad"}]
+    )
     want = jax.jvp(jax.grad(cb.tanh_sq_sum), (X,), (V,))
     assert_tree_equal(out["value"], want[0])
     assert_tree_equal(out["tangent"], want[1])
@@ -170,14 +180,20 @@ def test_response_encoding_follows_accept(app_client):
     body = {"args": [1.0]}
     r = app_client.post("/v1/models/tanh/eval", json=body, headers={"accept": "application/x-npz"})
     assert r.headers["content-type"] == "application/x-npz"
-    r = app_client.post("/v1/models/tanh/eval", json=body, headers={"accept": "application/x-npz;q=0.5, application/json"})
+    r = app_client.post(
+        "/v1/models/tanh/eval",
+        json=body,
+        headers={"accept": "application/x-npz;q=0.5, application/json"},
+    )
     assert r.headers["content-type"] == "application/json"
     r = app_client.post("/v1/models/tanh/eval", json=body, headers={"accept": "*/*"})
     assert r.headers["content-type"] == "application/json"
 
 
 def test_headers_request_id_and_server_timing(app_client):
-    r = app_client.post("/v1/models/tanh/eval", json={"args": [1.0]}, headers={"x-request-id": "abc-123"})
+    r = app_client.post(
+        "/v1/models/tanh/eval", json={"args": [1.0]}, headers={"x-request-id": "abc-123"}
+    )
     assert r.headers["x-request-id"] == "abc-123"
     phases = {part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
     assert {"queue", "compile", "compute"} <= phases
@@ -191,9 +207,13 @@ def test_discovery_and_health(app_client):
     names = {m["name"] for m in app_client.get("/v1/models").json()["models"]}
     assert {"tanh", "logistic_loss", "mlp_loss", "cholesky_loss", "rosenbrock"} <= names
     info = app_client.get("/v1/models/logistic_loss_dict").json()
-    assert info["inputs"] == [{"W": {"shape": [3], "dtype": "float32"}, "b": {"shape": [], "dtype": "float32"}}]
+    assert info["inputs"] == [
+        {"W": {"shape": [3], "dtype": "float32"}, "b": {"shape": [], "dtype": "float32"}}
+    ]
     assert "hvp" in info["ops"]
-    assert app_client.get("/v1/models/mlp").json()["inputs"] == [{"shape": [None, 784], "dtype": "float32"}]
+    assert app_client.get("/v1/models/mlp").json()["inputs"] == [
+        {"shape": [None, 784], "dtype": "float32"}
+    ]
     metrics = app_client.get("/metrics").text
     assert "gradserve_requests_total" in metrics and "gradserve_request_seconds_bucket" in metrics
 
@@ -204,7 +224,9 @@ def test_openapi_documents_every_op(app_client):
 
     for op in OPS:
         route = schema["paths"][f"/v1/models/{{name}}/{op}"]["post"]
-        body = route["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        body = route["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[
+            1
+        ]
         assert body in schema["components"]["schemas"]
         assert "application/x-npz" in route["requestBody"]["content"]
         assert route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
@@ -217,7 +239,9 @@ def test_vmap_keeps_declared_dtypes_of_plain_inputs(app_client):
     r = app_client.post("/v1/models/mlp_loss/call", json=body)
     assert r.status_code == 200, r.text
     params = cb.mlp_init(jax.random.PRNGKey(0))
-    want = jax.vmap(jax.grad(cb.mlp_loss, argnums=1), in_axes=(None, 0, 0))(params, x, np.array([[1], [2]], np.int32))
+    want = jax.vmap(jax.grad(cb.mlp_loss, argnums=1), in_axes=(None, 0, 0))(
+        params, x, np.array([[1], [2]], np.int32)
+    )
     from helpers import decode
 
     assert_tree_equal(decode(r)["value"], want, atol=1e-6)

@@ -47,13 +47,22 @@ def seed_keys():
 
 
 def seed_close(got, printed) -> None:
-    np.testing.assert_allclose(got, np.asarray(printed, dtype=np.asarray(got).dtype), rtol=1e-6, atol=2e-7)
+    np.testing.assert_allclose(
+        got, np.asarray(printed, dtype=np.asarray(got).dtype), rtol=1e-6, atol=2e-7
+    )
 
 
 def test_in2_grad_of_grad_of_grad_tanh(app_client, enc):
     printed = [0.070650816, -0.13621868, 0.25265405]
     for depth, want in enumerate(printed, start=1):
-        out = post(app_client, "tanh", "call", enc, args=[np.float32(2.0)], transforms=[{"op": "grad"}] * depth)
+        out = post(
+            app_client,
+            "tanh",
+            "call",
+            enc,
+            args=[np.float32(2.0)],
+            transforms=[{"op": "grad"}] * depth,
+        )
         f = jnp.tanh
         for _ in range(depth):
             f = jax.grad(f)
@@ -101,7 +110,9 @@ def test_in7_finite_differences(app_client, enc, seed_keys):
     eps = 1e-4
 
     def loss(W, b):
-        return post(app_client, "logistic_loss", "eval", enc, args=[np.asarray(W), np.asarray(b)])["value"]
+        return post(app_client, "logistic_loss", "eval", enc, args=[np.asarray(W), np.asarray(b)])[
+            "value"
+        ]
 
     b_numerical = (loss(W, b + eps / 2.0) - loss(W, b - eps / 2.0)) / eps
     np.testing.assert_allclose(b_numerical, -0.29325485, rtol=1e-4)
@@ -145,7 +156,14 @@ def test_in11_jacobian_of_dict(app_client, enc, seed_keys):
 
 def test_in12_hessian_as_jacfwd_of_jacrev(app_client, enc, seed_keys):
     W, b = seed_keys["W"], seed_keys["b"]
-    out = post(app_client, "logistic_predict", "call", enc, args=[W, b], transforms=[{"op": "jacrev"}, {"op": "jacfwd"}])
+    out = post(
+        app_client,
+        "logistic_predict",
+        "call",
+        enc,
+        args=[W, b],
+        transforms=[{"op": "jacrev"}, {"op": "jacfwd"}],
+    )
     H = jax.jit(jax.jacfwd(jax.jacrev(cb.logistic_predict)))(W, b)
     assert_tree_equal(out["value"], H, exact=True)
     assert out["value"].shape == (4, 3, 3)
@@ -187,8 +205,12 @@ def test_in23_batched_vjp_equals_single_ones(app_client, enc, seed_keys):
     W, b, U = seed_keys["W"], seed_keys["b"], seed_keys["U"]
     out = post(app_client, "logistic_predict", "vjp", enc, args=[W, b], cotangent=U, batched=True)
     assert out["cotangents"][0].shape == (128, 3)
-    singles = [post(app_client, "logistic_predict", "vjp", "json", args=[W, b], cotangent=u) for u in U]
-    np.testing.assert_allclose(out["cotangents"][0], np.stack([s["cotangents"][0] for s in singles]), rtol=1e-5, atol=1e-7)
+    singles = [
+        post(app_client, "logistic_predict", "vjp", "json", args=[W, b], cotangent=u) for u in U
+    ]
+    np.testing.assert_allclose(
+        out["cotangents"][0], np.stack([s["cotangents"][0] for s in singles]), rtol=1e-5, atol=1e-7
+    )
     _, pullback = jax.vjp(lambda W: cb.predict(W, b, cb.INPUTS), W)
     assert_tree_equal(out["cotangents"][0], jax.vmap(pullback)(U)[0])
 
@@ -196,10 +218,14 @@ def test_in23_batched_vjp_equals_single_ones(app_client, enc, seed_keys):
 def test_in24_batched_jvp_equals_single_ones(app_client, enc, seed_keys):
     W, b, S = seed_keys["W"], seed_keys["b"], seed_keys["S"]
     zeros = np.zeros(128, np.float32)
-    out = post(app_client, "logistic_predict", "jvp", enc, args=[W, b], tangents=[S, zeros], batched=True)
+    out = post(
+        app_client, "logistic_predict", "jvp", enc, args=[W, b], tangents=[S, zeros], batched=True
+    )
     assert out["tangent"].shape == (128, 4)
     singles = [
-        post(app_client, "logistic_predict", "jvp", "json", args=[W, b], tangents=[s, np.float32(0)])["tangent"]
+        post(
+            app_client, "logistic_predict", "jvp", "json", args=[W, b], tangents=[s, np.float32(0)]
+        )["tangent"]
         for s in S
     ]
     np.testing.assert_allclose(out["tangent"], np.stack(singles), rtol=1e-5, atol=1e-7)
@@ -210,7 +236,15 @@ def test_in24_batched_jvp_equals_single_ones(app_client, enc, seed_keys):
 
 def test_in25_in26_jacobians_from_batched_products(app_client, enc, seed_keys):
     W, b = seed_keys["W"], seed_keys["b"]
-    rows = post(app_client, "logistic_predict", "vjp", enc, args=[W, b], cotangent=np.eye(4, dtype=np.float32), batched=True)
+    rows = post(
+        app_client,
+        "logistic_predict",
+        "vjp",
+        enc,
+        args=[W, b],
+        cotangent=np.eye(4, dtype=np.float32),
+        batched=True,
+    )
     cols = post(
         app_client,
         "logistic_predict",
@@ -226,9 +260,13 @@ def test_in25_in26_jacobians_from_batched_products(app_client, enc, seed_keys):
 
 
 def test_in27_vjp_of_piecewise(app_client, enc):
-    out = post(app_client, "piecewise", "vjp", enc, args=[np.float32(4.0)], cotangent=np.float32(1.0))
+    out = post(
+        app_client, "piecewise", "vjp", enc, args=[np.float32(4.0)], cotangent=np.float32(1.0)
+    )
     seed_close(out["cotangents"][0], 3.1415927)
-    assert_tree_equal(out["cotangents"], list(jax.vjp(cb.piecewise, np.float32(4.0))[1](np.float32(1.0))))
+    assert_tree_equal(
+        out["cotangents"], list(jax.vjp(cb.piecewise, np.float32(4.0))[1](np.float32(1.0)))
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -243,10 +281,19 @@ def test_in30_in31_complex_jvp_vjp(app_client, enc, seed):
     key, subkey = random.split(key)
     dc, dd = np.asarray(random.uniform(subkey, (2,)))
     z_dot = np.complex64(dc + dd * 1j)
-    out = post(app_client, "complex_linear", "jvp", enc, args=[coeffs, z], tangents=[np.zeros(4, np.float32), z_dot])
+    out = post(
+        app_client,
+        "complex_linear",
+        "jvp",
+        enc,
+        args=[coeffs, z],
+        tangents=[np.zeros(4, np.float32), z_dot],
+    )
     expected = a * dc + b * dd + c * dc * 1j + d * dd * 1j
     np.testing.assert_allclose(out["tangent"], expected, rtol=1e-5)
-    assert_tree_equal(out["tangent"], jax.jvp(cb.complex_linear, (coeffs, z), (np.zeros(4, np.float32), z_dot))[1])
+    assert_tree_equal(
+        out["tangent"], jax.jvp(cb.complex_linear, (coeffs, z), (np.zeros(4, np.float32), z_dot))[1]
+    )
     out = post(app_client, "complex_linear", "vjp", enc, args=[coeffs, z], cotangent=z_dot)
     expected = a * dc + c * (-dd) + b * dc * (-1j) + d * (-dd) * (-1j)
     np.testing.assert_allclose(out["cotangents"][1], expected, rtol=1e-5, atol=1e-5)
@@ -265,9 +312,13 @@ def test_in32_to_35_complex_grads(app_client, enc):
 
 
 def test_in36_cholesky_loss(app_client, enc):
-    A = np.array([[5.0, 2.0 + 3j, 5j], [2.0 - 3j, 7.0, 1.0 + 7j], [-5j, 1.0 - 7j, 12.0]], np.complex64)
+    A = np.array(
+        [[5.0, 2.0 + 3j, 5j], [2.0 - 3j, 7.0, 1.0 + 7j], [-5j, 1.0 - 7j, 12.0]], np.complex64
+    )
     out = post(app_client, "cholesky_loss", "grad", enc, args=[A], holomorphic=True)
-    assert_tree_equal(out["grad"], jax.grad(cb.cholesky_loss, holomorphic=True)(A), rtol=1e-5, atol=1e-5)
+    assert_tree_equal(
+        out["grad"], jax.grad(cb.cholesky_loss, holomorphic=True)(A), rtol=1e-5, atol=1e-5
+    )
     printed = np.array(
         [
             [-0.7534186 + 0j, -3.0509028 - 10.940545j, 5.9896846 + 3.542303j],

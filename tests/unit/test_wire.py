@@ -9,7 +9,20 @@ from client import wire
 from client.errors import InvalidInput, PayloadTooLarge
 from client.specs import ArraySpec, dtype_from_name
 
-DTYPES = ["bool", "int8", "int32", "int64", "uint8", "uint64", "float16", "bfloat16", "float32", "float64", "complex64", "complex128"]
+DTYPES = [
+    "bool",
+    "int8",
+    "int32",
+    "int64",
+    "uint8",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
 
 
 def sample(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -35,7 +48,9 @@ def roundtrip_npz(tree):
 @pytest.mark.parametrize("how", ["json", "base64", "npz"])
 def test_every_dtype_and_shape_roundtrips_exactly(dtype, shape, how):
     x = sample(dtype, shape)
-    y = {"json": roundtrip_json, "base64": lambda t: roundtrip_json(t, True), "npz": roundtrip_npz}[how](x)
+    y = {"json": roundtrip_json, "base64": lambda t: roundtrip_json(t, True), "npz": roundtrip_npz}[
+        how
+    ](x)
     assert y.dtype == x.dtype and y.shape == x.shape
     np.testing.assert_array_equal(y, x)
 
@@ -45,7 +60,9 @@ def test_non_finite_values_survive(how):
     x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)
     z = np.array([complex(np.nan, np.inf)], np.complex64)
     tree = {"x": x, "z": z}
-    y = {"json": roundtrip_json, "base64": lambda t: roundtrip_json(t, True), "npz": roundtrip_npz}[how](tree)
+    y = {"json": roundtrip_json, "base64": lambda t: roundtrip_json(t, True), "npz": roundtrip_npz}[
+        how
+    ](tree)
     np.testing.assert_array_equal(y["x"], x)
     assert np.signbit(y["x"][4])
     np.testing.assert_array_equal(y["z"], z)
@@ -69,7 +86,11 @@ def test_pytrees_keep_structure():
 def test_plain_leaves_take_the_spec_dtype():
     spec = [ArraySpec((3,), "float32"), ArraySpec((), "int32"), {"k": ArraySpec(None, "complex64")}]
     args = wire.decode_tree([[1, 2, 3], 4, {"k": [1.5]}], spec)
-    assert [args[0].dtype, args[1].dtype, args[2]["k"].dtype] == [np.float32, np.int32, np.complex64]
+    assert [args[0].dtype, args[1].dtype, args[2]["k"].dtype] == [
+        np.float32,
+        np.int32,
+        np.complex64,
+    ]
     assert wire.decode_tree([1.0, 2.0]).dtype == np.float32
     assert wire.decode_tree(2.0, default_dtype=np.float64).dtype == np.float64
 
