@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import free_port
 
 from client import (
     AsyncClient,
@@ -37,6 +36,7 @@ from client import (
     vjp,
     vmap,
 )
+from conftest import free_port
 from service.models import cookbook as cb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,6 +349,9 @@ def test_406_and_415_map_to_not_acceptable(client_server: Any) -> None:
             assert e.value.status == status and e.value.detail
 
 
+@pytest.mark.filterwarnings(
+    "ignore:Using .httpx. with .starlette.testclient", "ignore:You should not use the 'timeout'"
+)
 def test_unauthorized_in_process() -> None:
     from starlette.testclient import TestClient
 
