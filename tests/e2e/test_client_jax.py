@@ -98,3 +98,11 @@ def test_second_order_points_to_the_server(c: Client) -> None:
 def test_only_remote_functions_of_a_blocking_client() -> None:
     with pytest.raises(TypeError, match="remote function"):
         as_jax(jnp.tanh)
+
+
+def test_no_request_at_trace_time_when_the_spec_is_declared(c: Client) -> None:
+    pred = as_jax(c.model("logistic_predict"))  # output declared float32[4]
+    before = len(c.requests)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda W, b: jnp.sum(pred(W, b))))(W, b)
+    assert len(c.requests) == before
+    assert "gradserve_call" in str(jaxpr) and "gradserve_vjp" in str(jaxpr)
