@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from helpers import assert_tree_equal, post
 
 from client import wire
+from helpers import assert_tree_equal, post
 from service.models import cookbook as cb
 
 FAULTY_MODELS = str(Path(__file__).with_name("faulty_models.py"))

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hardening_util import assert_problem, send, still_serving
-from helpers import assert_tree_equal, post
 
 from client import wire
+from helpers import assert_tree_equal, post
 
 
 def test_exception_while_tracing_is_a_clean_422(limited):

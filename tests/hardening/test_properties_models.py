@@ -12,12 +12,12 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from helpers import assert_tree_equal, post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from starlette.testclient import TestClient
 
+from helpers import assert_tree_equal, post
 from service import Settings, create_app
 from service.models import cookbook as cb
 
