@@ -239,3 +239,29 @@ def _npz(members: dict[str, np.ndarray]) -> bytes:
         for name, arr in members.items():
             zf.writestr(name + ".npy", _npy(arr))
     return buf.getvalue()
+
+
+def test_declared_10_gb_body_is_refused_at_once_over_a_real_socket(live_server):
+    """Headers only: the server answers 413 without waiting for (or reading) a byte of body."""
+    import socket
+
+    head = (
+        "POST /v1/models/tanh/eval HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {10 * 2**30}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", live_server.port), timeout=5) as sock:
+        started = time.perf_counter()
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert time.perf_counter() - started < 2
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status_line, answer[:300]
+    assert b"application/problem+json" in rest and b'"payload_too_large"' in rest
+    import httpx
+
+    still_serving(httpx.Client(base_url=live_server.url, timeout=30))
