@@ -44,5 +44,5 @@ def test_sigterm_drains_finishes_in_flight_work_and_exits_0(start_server):
     assert answers and answers[0].status_code == 200, answers
     np.testing.assert_array_equal(answers[0].json()["value"]["data"], [3.5])
     assert server.proc.wait(30) == 0
-    log = server.proc.stdout.read().decode()
+    log = server.output()
     assert "draining" in log and "Traceback" not in log
