@@ -10,15 +10,17 @@ Ray is imported only inside the functions that need it: the server runs without 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.settings import Settings
@@ -35,6 +37,8 @@ REPLICA_HEADER = "X-Gradserve-Replica"
 MAX_ONGOING_REQUESTS = 64
 # Headroom left to the CUDA context and XLA's own buffers when the memory fraction is derived.
 GPU_MEMORY_HEADROOM = 0.9
+# How long a replica's start-up may wait for warm-up before it takes requests regardless.
+WARMUP_TIMEOUT_S = 600.0
 
 RAY_FLAGS = (
     "address",
@@ -42,7 +46,7 @@ RAY_FLAGS = (
     "autoscale",
     "gpus_per_replica",
     "cpus_per_replica",
-    "gpu_mem_fraction",
+    "gpu_memory_fraction",
     "num_cpus",
 )
 
@@ -56,9 +60,9 @@ class RayOptions:
     autoscale: tuple[int, int] | None = None
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
-    # A fraction of a device's memory that each replica preallocates, "auto" for its share of
-    # the GPU, or None: no preallocation.
-    gpu_mem_fraction: float | str | None = None
+    # The share of a GPU's memory each replica preallocates, "auto" for its share of the GPU,
+    # or None: the server's own setting (GRADSERVE_GPU_MEMORY_FRACTION; default on demand).
+    gpu_memory_fraction: float | str | None = None
     # CPUs of the Ray started here (no `address`); None: all of them.
     num_cpus: int | None = None
 
@@ -119,11 +123,11 @@ def add_ray_arguments(serve: argparse.ArgumentParser) -> None:
         help="CPUs Ray reserves per replica (default 1)",
     )
     group.add_argument(
-        "--gpu-mem-fraction",
+        "--gpu-memory-fraction",
         type=_mem_fraction,
         metavar="F|auto",
-        help="GPU memory each replica preallocates; 'auto': its share of the GPU "
-        "(default: no preallocation, memory grows on demand)",
+        help="share of a GPU's memory each replica preallocates; 'auto': 0.9 x --gpus-per-replica "
+        "(default: GRADSERVE_GPU_MEMORY_FRACTION, else memory grows on demand)",
     )
     group.add_argument(
         "--num-cpus",
@@ -147,8 +151,8 @@ def ray_options(args: argparse.Namespace) -> RayOptions | None:
         raise SystemExit("gradserve: give --replicas or --autoscale, not both")
     if given.get("replicas", 1) < 1:
         raise SystemExit("gradserve: --replicas must be at least 1")
-    if given.get("gpu_mem_fraction") == "auto" and not given.get("gpus_per_replica"):
-        raise SystemExit("gradserve: --gpu-mem-fraction auto needs --gpus-per-replica")
+    if given.get("gpu_memory_fraction") == "auto" and not given.get("gpus_per_replica"):
+        raise SystemExit("gradserve: --gpu-memory-fraction auto needs --gpus-per-replica")
     if "num_cpus" in given and "address" in given:
         raise SystemExit("gradserve: --num-cpus is for the local Ray; a cluster has its own")
     if given.get("gpus_per_replica", 0) < 0 or given.get("cpus_per_replica", 1) < 0:
@@ -158,12 +162,26 @@ def ray_options(args: argparse.Namespace) -> RayOptions | None:
     return RayOptions(**given)
 
 
-def replica_env(options: RayOptions, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment of each replica: JAX's device and GPU memory settings.
+def replica_settings(settings: Settings, options: RayOptions) -> Settings:
+    """The settings each replica runs with: the driver's, with its share of GPU memory.
 
-    JAX preallocates 75% of a GPU when it starts, so a second replica on the same GPU would run
-    out of memory: replicas either grow on demand or take a fixed fraction. The operator's own
-    `XLA_PYTHON_CLIENT_*` and `JAX_PLATFORMS` variables win over the defaults, a flag over both.
+    Like one `gradserve serve`, a replica allocates GPU memory on demand unless a fraction is
+    set (service/engine: `configure_jax`); replicas sharing a GPU need one of the two, since
+    JAX would otherwise preallocate 75% of it in the first replica.
+    """
+    fraction = options.gpu_memory_fraction
+    if fraction == "auto":
+        fraction = round(GPU_MEMORY_HEADROOM * min(options.gpus_per_replica, 1.0), 3)
+    if fraction is None:
+        return settings
+    return settings.model_copy(update={"gpu_memory_fraction": fraction})
+
+
+def replica_env(options: RayOptions, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of each replica: the operator's JAX device and memory variables.
+
+    Passed explicitly because on a cluster a replica inherits its node's environment, not the
+    driver's.
     """
     env = {
         k: v
@@ -173,34 +191,53 @@ def replica_env(options: RayOptions, environ: Mapping[str, str] = os.environ) ->
     if not options.gpus_per_replica:
         # A replica that Ray gave no GPU must not take one from a replica that it did.
         env.setdefault("JAX_PLATFORMS", "cpu")
-    fraction = options.gpu_mem_fraction
-    if fraction == "auto":
-        fraction = GPU_MEMORY_HEADROOM * min(options.gpus_per_replica, 1.0)
-    if fraction is not None:
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.3g}"
-    elif not any(k.startswith("XLA_PYTHON_CLIENT_") for k in env):
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 
-class ReplicaHeader:
-    """Names the replica in every response; pure ASGI, like `RequestContext`."""
+class RayReplica:
+    """What a replica adds to the app; pure ASGI, like `RequestContext`.
 
-    def __init__(self, app: ASGIApp, name: str) -> None:
-        self.app, self.name = app, name
+    - Every response names the replica in `X-Gradserve-Replica`.
+    - Ray's proxy gives every request an `X-Request-ID` and adds it to every response itself,
+      so the app's echo of that same id is dropped: one header, not two.
+    - Ray routes to a replica once its ASGI start-up completes, but the app warms its models
+      after that (serving 503 meanwhile, for orchestrators that poll /readyz); so the start-up
+      is reported complete only once the app is ready, and no request meets a cold replica.
+    """
+
+    def __init__(self, app: ASGIApp, name: str, ready: Callable[[], bool]) -> None:
+        self.app, self.name, self.ready = app, name, ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._when_ready(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = Headers(scope=scope).get("x-request-id")
 
         async def send_named(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REPLICA_HEADER] = self.name
+                headers = MutableHeaders(scope=message)
+                headers[REPLICA_HEADER] = self.name
+                if request_id is not None and headers.get("x-request-id") == request_id:
+                    del headers["x-request-id"]
             await send(message)
 
         await self.app(scope, receive, send_named)
+
+    def _when_ready(self, send: Send) -> Send:
+        async def send_when_ready(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                deadline = time.monotonic() + WARMUP_TIMEOUT_S
+                while not self.ready() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                if not self.ready():
+                    log.warning("replica %s still warming; serving 503 until ready", self.name)
+            await send(message)
+
+        return send_when_ready
 
 
 def replica_name() -> str:
@@ -218,7 +255,12 @@ def app_builder(settings: Settings) -> Callable[[], FastAPI]:
         from service.app import create_app
 
         app = create_app(settings)
-        app.add_middleware(ReplicaHeader, name=replica_name())
+
+        def ready() -> bool:
+            state = getattr(app.state, "gradserve", None)
+            return state is not None and state.ready
+
+        app.add_middleware(RayReplica, name=replica_name(), ready=ready)
         return app
 
     return build
@@ -258,7 +300,7 @@ def deploy(settings: Settings, options: RayOptions) -> None:
     """
     from ray import serve
 
-    ingress = serve.ingress(app_builder(settings))
+    ingress = serve.ingress(app_builder(replica_settings(settings, options)))
 
     @serve.deployment(**deployment_options(options))
     @ingress

@@ -1,7 +1,8 @@
 """`gradserve serve --ray`: two replicas behind Ray Serve's HTTP proxy on 127.0.0.1.
 
 The real CLI in a subprocess starts a local Ray (2 CPUs, loopback only), deploys, and on SIGTERM
-removes the app and stops Ray. Answers must equal local JAX, and both replicas must serve.
+removes the app and stops Ray. Answers must equal local JAX, and both replicas must serve. The
+server runs with an API key, so the settings are seen to reach the replicas.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, free_port
 
 from client import wire
+from conftest import ROOT, free_port
 from service.models import cookbook as cb
 from service.ray_serve import REPLICA_HEADER
 
 pytest.importorskip("ray.serve", reason="needs the `ray` extra")
 
 STARTUP_S = 150
+KEY = "ray-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,8 @@ def ray_server() -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "service", "serve", "--ray", "--replicas", "2", "--num-cpus", "2"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    # No keys: the server may then bind loopback only, which is all this test needs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSERVE_")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env |= {"GRADSERVE_API_KEYS": KEY, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -80,7 +82,7 @@ def _grad(url: str, W: np.ndarray, b: np.ndarray) -> tuple[str, list[np.ndarray]
     response = httpx.post(
         f"{url}/v1/models/logistic_loss/grad",
         content=body,
-        headers={"content-type": wire.JSON},
+        headers={"content-type": wire.JSON, **AUTH},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -104,7 +106,23 @@ def test_two_replicas_answer_like_local_jax(ray_server: str) -> None:
     assert len(replicas) == 2, replicas
 
 
-def test_every_response_names_its_replica(ray_server: str) -> None:
-    for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/nope"):
-        response = httpx.get(ray_server + path, timeout=10)
+def test_every_response_names_its_replica_and_keeps_one_request_id(ray_server: str) -> None:
+    for path, status in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/v1/models", 200),
+        ("/metrics", 200),
+    ]:
+        response = httpx.get(
+            ray_server + path, headers={**AUTH, "x-request-id": "req-1"}, timeout=10
+        )
+        assert response.status_code == status, (path, response.text)
         assert response.headers[REPLICA_HEADER].startswith("gradserve#"), path
+        assert response.headers.get_list("x-request-id") == ["req-1"], path
+
+
+def test_replicas_enforce_the_keys(ray_server: str) -> None:
+    response = httpx.get(f"{ray_server}/v1/models", timeout=10)
+    assert response.status_code == 401, response.text
+    assert response.json()["code"] == "missing_key"
+    assert REPLICA_HEADER in response.headers

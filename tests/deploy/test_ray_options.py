@@ -1,17 +1,22 @@
-"""`gradserve serve --ray` flags -> Ray Serve deployment options; no Ray needed."""
+"""`gradserve serve --ray` without Ray: flags -> deployment options, and the replica middleware."""
 
 from __future__ import annotations
 
 import pytest
+from fastapi import Request, Response
 
 from service.cli import build_parser
 from service.ray_serve import (
     MAX_ONGOING_REQUESTS,
+    REPLICA_HEADER,
     RayOptions,
+    RayReplica,
     deployment_options,
     ray_options,
     replica_env,
+    replica_settings,
 )
+from service.settings import Settings
 
 
 def options(*flags: str) -> RayOptions | None:
@@ -43,7 +48,9 @@ def test_flags_become_options() -> None:
     assert options("--ray") == RayOptions()
     assert options("--ray", "--autoscale", "1:4").autoscale == (1, 4)
     assert (
-        options("--ray", "--gpus-per-replica", "1", "--gpu-mem-fraction", "auto").gpu_mem_fraction
+        options(
+            "--ray", "--gpus-per-replica", "1", "--gpu-memory-fraction", "auto"
+        ).gpu_memory_fraction
         == "auto"
     )
 
@@ -53,7 +60,7 @@ def test_flags_become_options() -> None:
     [
         (["--replicas", "2", "--autoscale", "1:3"], "not both"),
         (["--replicas", "0"], "at least 1"),
-        (["--gpu-mem-fraction", "auto"], "needs --gpus-per-replica"),
+        (["--gpu-memory-fraction", "auto"], "needs --gpus-per-replica"),
         (["--num-cpus", "2", "--address", "auto"], "local Ray"),
         (["--gpus-per-replica", "-1"], "negative"),
     ],
@@ -69,7 +76,7 @@ def test_inconsistent_flags_are_refused(flags: list[str], message: str) -> None:
         ["--autoscale", "4:1"],
         ["--autoscale", "3"],
         ["--autoscale", "0:0"],
-        ["--gpu-mem-fraction", "1.5"],
+        ["--gpu-memory-fraction", "1.5"],
     ],
 )
 def test_malformed_values_are_argparse_errors(
@@ -80,32 +87,27 @@ def test_malformed_values_are_argparse_errors(
     assert exit_.value.code == 2 and "expected" in capsys.readouterr().err
 
 
-def test_replicas_default_to_growing_gpu_memory_and_cpu_only_without_gpus() -> None:
-    assert replica_env(RayOptions(), environ={}) == {
-        "JAX_PLATFORMS": "cpu",
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-    }
-    assert replica_env(RayOptions(gpus_per_replica=1), environ={}) == {
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"
-    }
+def test_replicas_without_gpus_use_cpu_only() -> None:
+    assert replica_env(RayOptions(), environ={}) == {"JAX_PLATFORMS": "cpu"}
+    assert replica_env(RayOptions(gpus_per_replica=1), environ={}) == {}
 
 
-def test_gpu_memory_fraction_auto_is_the_replicas_share() -> None:
-    env = replica_env(RayOptions(gpus_per_replica=0.5, gpu_mem_fraction="auto"), environ={})
-    assert env == {
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45",
-    }
-    env = replica_env(RayOptions(gpus_per_replica=2, gpu_mem_fraction=0.3), environ={})
-    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.3"
-
-
-def test_operator_environment_wins_over_defaults_and_flags_over_both() -> None:
+def test_operator_jax_variables_reach_the_replicas() -> None:
     operator = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2", "JAX_PLATFORMS": "cuda", "HOME": "/x"}
     env = replica_env(RayOptions(), environ=operator)
     assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2", "JAX_PLATFORMS": "cuda"}
-    env = replica_env(RayOptions(gpus_per_replica=1, gpu_mem_fraction=0.6), environ=operator)
-    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.6"
+
+
+def test_gpu_memory_fraction_goes_to_the_replicas_settings() -> None:
+    settings = Settings(gpu_memory_fraction=0.3)
+    assert replica_settings(settings, RayOptions()) is settings
+    auto = RayOptions(gpus_per_replica=0.5, gpu_memory_fraction="auto")
+    assert replica_settings(settings, auto).gpu_memory_fraction == 0.45
+    whole = RayOptions(gpus_per_replica=2, gpu_memory_fraction="auto")
+    assert replica_settings(settings, whole).gpu_memory_fraction == 0.9
+    fixed = RayOptions(gpus_per_replica=1, gpu_memory_fraction=0.6)
+    assert replica_settings(Settings(), fixed).gpu_memory_fraction == 0.6
+    assert Settings().gpu_memory_fraction is None
 
 
 def test_deployment_options() -> None:
@@ -113,9 +115,7 @@ def test_deployment_options() -> None:
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["max_ongoing_requests"] == MAX_ONGOING_REQUESTS
     assert fixed["ray_actor_options"]["num_gpus"] == 0.5
-    assert fixed["ray_actor_options"]["runtime_env"]["env_vars"] == {
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"
-    }
+    assert fixed["ray_actor_options"]["runtime_env"]["env_vars"] == {}
     scaled = deployment_options(RayOptions(autoscale=(0, 4)), environ={})
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"] == {
@@ -123,3 +123,37 @@ def test_deployment_options() -> None:
         "initial_replicas": 1,
         "max_replicas": 4,
     }
+
+
+def test_replica_middleware_waits_for_warm_up_and_names_itself() -> None:
+    """Start-up completes only once the app is ready; one X-Request-ID; the replica header."""
+    import asyncio
+    import contextlib
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def warm() -> None:
+            await asyncio.sleep(0.3)
+            app.state.ready = True
+
+        task = asyncio.create_task(warm())
+        yield
+        task.cancel()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.ready = False
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        rid = request.headers.get("x-request-id", "none")
+        return Response(str(app.state.ready), headers={"x-request-id": rid})
+
+    app.add_middleware(RayReplica, name="gradserve#abc", ready=lambda: app.state.ready)
+    with TestClient(app) as client:
+        response = client.get("/ready", headers={"x-request-id": "r1"})
+    assert response.text == "True", "start-up returned before warm-up"
+    assert response.headers[REPLICA_HEADER] == "gradserve#abc"
+    assert "x-request-id" not in response.headers, "Ray's proxy adds it back, once"

@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import ROOT
 from deploy_files import (
     Instruction,
     MissingVariable,
@@ -36,6 +36,7 @@ from deploy_files import (
     shell_commands,
 )
 
+from conftest import ROOT
 from service.auth import KeyRing
 from service.cli import build_parser
 from service.settings import Settings
@@ -384,9 +385,14 @@ def test_cli_help_lists_every_flag_used() -> None:
         "--start-period",
         "--retries",
     }
-    for argv in shell_commands(DEPLOY_DOC.read_text()):
-        if argv[0] == "gradserve":
+    doc = DEPLOY_DOC.read_text()
+    for argv in shell_commands(doc):
+        if argv[:2] == ["gradserve", "serve"]:
             used |= {w.split("=")[0] for w in argv if w.startswith("--")}
+    # Flags in the prose and tables: `--replicas N`, `gradserve serve --ray ...`.
+    for span in re.findall(r"`([^`\n]+)`", doc):
+        if span.startswith(("--", "gradserve serve")):
+            used |= set(re.findall(r"--[a-z][a-z0-9-]*", span))
     missing = {flag for flag in used if not re.search(rf"{flag}(?![\w-])", help_text)}
     assert not missing, f"not in `gradserve serve --help`: {sorted(missing)}"
 
@@ -397,7 +403,10 @@ def test_deploy_doc_commands_are_valid() -> None:
     profiles = {p for s in compose["services"].values() for p in s.get("profiles", [])}
     extras = set(PYPROJECT["project"]["optional-dependencies"])
     seen = set()
-    for argv in shell_commands(DEPLOY_DOC.read_text()):
+    doc = DEPLOY_DOC.read_text()
+    for span in re.findall(r"`(gradserve [^`\n]+)`", doc):
+        parse_cli(shlex.split(span))
+    for argv in shell_commands(doc):
         seen.add(argv[0])
         if argv[0] == "gradserve":
             parse_cli(argv)
