@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import jax
@@ -33,48 +34,58 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def ray_server() -> Iterator[str]:
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "service", "serve", "--ray", "--replicas", "2", "--num-cpus", "2"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSERVE_")}
     env |= {"GRADSERVE_API_KEYS": KEY, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # A file, not a pipe: Ray forwards every replica's log to the driver, and a full pipe that
+    # nobody reads would block it. Its own session, so a stuck run is killed with its Ray.
+    log_path = tmp_path_factory.mktemp("ray") / "gradserve.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url)
+        _wait_ready(proc, url, log_path)
         yield url
     finally:
-        output = _stop(proc)
-    assert proc.returncode == 0, output[-3000:]
+        _stop(proc)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
 
 
-def _wait_ready(proc: subprocess.Popen, url: str) -> None:
+def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    """Until `serve.run` has returned (every replica warm) and the proxy answers /readyz."""
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gradserve --ray exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+            raise RuntimeError(f"gradserve --ray exited: {log_path.read_text()[-3000:]}")
+        if "gradserve on Ray Serve at" in log_path.read_text():
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
         time.sleep(0.5)
-    raise TimeoutError("gradserve --ray did not become ready")
+    raise TimeoutError(f"gradserve --ray did not become ready: {log_path.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> str:
+def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM: the CLI deletes the app and shuts its Ray down, then exits 0."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc.stdout.read()
 
 
 def _grad(url: str, W: np.ndarray, b: np.ndarray) -> tuple[str, list[np.ndarray]]:
