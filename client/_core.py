@@ -23,7 +23,8 @@ from client.specs import SpecTree, check_args, spec_from_json
 # Request bodies (and expected answers) at least this big go as npz. Measured with
 # bench/client_overhead.py: below it JSON's smaller framing wins, above it npz's raw bytes win.
 NPZ_THRESHOLD = 24 * 1024
-ENCODINGS = ("auto", "json", "npz")
+# "base64": JSON bodies whose array leaves are base64 (both ways), for JSON-only stacks.
+ENCODINGS = ("auto", "json", "base64", "npz")
 RETRY_STATUSES = (429, 503)
 
 
@@ -317,7 +318,13 @@ class Core:
         if encoding == "npz":
             content, media = wire.dump_npz({**wire.npz_ready(arrays), **fields}), wire.NPZ
         else:
-            content, media = wire.dumps({**wire.encode_tree(arrays), **fields}), wire.JSON
+            binary = encoding == "base64"
+            body = {
+                **wire.encode_tree(arrays, binary),
+                **fields,
+                **({"binary": True} if binary else {}),
+            }
+            content, media = wire.dumps(body), wire.JSON
         headers = {
             **self.headers,
             "Content-Type": media,
