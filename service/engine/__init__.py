@@ -166,9 +166,8 @@ class Engine:
                 call = Call(model, op, build_program(op, {}), args, None)
                 for device in self._placement[model.name]:
                     try:
-                        placed = jax.device_put((args, None), device)
                         _, seconds = self.compiler.executable(
-                            call, device, self.params_for(model, device), *placed
+                            call, device, self.params_for(model, device), args, None
                         )
                     except APIError:
                         break  # e.g. grad of a non-scalar model: not a common op for it
