@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import jax
 import numpy as np
 from pydantic import ValidationError
 
@@ -34,6 +36,14 @@ class Call:
     extra: Any  # tangents (tuple), cotangent (tree) or None
     binary: bool = False
 
+    @cached_property
+    def signature(self) -> tuple:
+        """What decides a compile: the program and the inputs' structure, shapes and dtypes.
+
+        Requests with equal signatures share an executable, and may be batched together.
+        """
+        return self.program, avals_key((self.args, self.extra))
+
     @property
     def batch_size(self) -> int | None:
         """B of batched tangents/cotangents (None when not batched)."""
@@ -41,6 +51,12 @@ class Call:
             return None
         found = leaves(self.extra)
         return int(found[0].shape[0]) if found else None
+
+
+def avals_key(tree: Any) -> tuple:
+    """Structure, shapes and dtypes: what an executable is specialised to."""
+    flat, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((x.shape, np.dtype(x.dtype).str) for x in flat)
 
 
 def leaves(tree: Any) -> list[np.ndarray]:

@@ -13,7 +13,9 @@ from service.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradserve", description="Remote JAX derivatives over HTTP.")
+    parser = argparse.ArgumentParser(
+        prog="gradserve", description="Remote JAX derivatives over HTTP."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the registered models")
     serve.add_argument("--host", help="address to bind (env GRADSERVE_HOST; default 127.0.0.1)")
@@ -27,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-builtin-models", action="store_true", help="serve only the models given by --models"
     )
-    serve.add_argument("--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)")
+    serve.add_argument(
+        "--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)"
+    )
     serve.add_argument("--log-level", help="uvicorn log level (default info)")
     serve.add_argument(
         "--insecure",
@@ -58,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         return hash_key_main(args)
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
 
     try:
         keyring = KeyRing.from_settings(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,10 +32,17 @@ def public(text: str) -> str:
     return _PATH.sub("<path>", text)
 
 
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def problem_response(error: APIError, request_id: str | None) -> Response:
     body: dict[str, Any] = {
         "type": "about:blank",
-        "title": type(error).title,
+        "title": _title(error.status),
         "status": error.status,
         "detail": public(error.detail),
         "code": error.code,

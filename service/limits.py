@@ -77,14 +77,6 @@ def check_batch(call: Call, settings: Settings) -> None:
         )
 
 
-def signature(call: Call) -> tuple:
-    """What decides a compile: the program and the structure, shapes and dtypes of the inputs."""
-    import jax
-
-    leaves, treedef = jax.tree.flatten((call.args, call.extra))
-    return call.program, treedef, tuple((x.shape, x.dtype.str) for x in leaves)
-
-
 class ShapeBudget:
     """Per model, at most `per_minute` new input signatures in any 60 s window (else 429).
 
@@ -102,7 +94,7 @@ class ShapeBudget:
         self._lock = threading.Lock()
 
     def admit(self, call: Call, now: float | None = None) -> None:
-        self.admit_key(call.model.name, signature(call), now)
+        self.admit_key(call.model.name, call.signature, now)
 
     def admit_key(self, model: str, key: Any, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -18,15 +18,9 @@ import numpy as np
 
 from client.errors import APIError, InvalidInput, PayloadTooLarge
 from client.specs import ArraySpec, check_args, dtype_name
-from service.calls import Call
+from service.calls import Call, avals_key
 from service.metrics import Metrics
 from service.transforms import compose, program_function
-
-
-def avals_key(tree: Any) -> tuple:
-    """Structure, shapes and dtypes: what an executable is specialised to."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((x.shape, np.dtype(x.dtype).str) for x in leaves)
 
 
 @dataclass(frozen=True)
@@ -107,14 +101,8 @@ class Compiler:
         unchanged so the worker can fall back to unbatched runs (whose checks name the fault).
         """
         model = call.model
-        key = CacheKey(
-            model.name,
-            model.spec.version,
-            call.program,
-            device.id,
-            avals_key((args, extra)),
-            bucket,
-        )
+        avals = avals_key((args, extra)) if bucket else call.signature[1]
+        key = CacheKey(model.name, model.spec.version, call.program, device.id, avals, bucket)
         compiled = self.cache.get(key)
         if compiled is not None:
             return compiled, 0.0
@@ -133,7 +121,7 @@ class Compiler:
             except APIError:
                 raise
             except Exception as e:  # the model's own code, or JAX refusing the transform
-                raise _model_error(call, e) from None
+                raise model_error(call, e) from None
         seconds = time.perf_counter() - t0
         self.cache.put(key, compiled)
         self.metrics.compiles.labels(model.name).inc()
@@ -165,7 +153,13 @@ class Compiler:
         )
 
 
-def _model_error(call: Call, e: Exception) -> InvalidInput:
-    message = str(e).split("\n", 1)[0][:500]
+def model_error(call: Call, e: Exception, running: bool = False) -> InvalidInput:
+    """An exception from the model's code (or JAX refusing it) as a clean 422.
+
+    At trace time the first line says what went wrong; at run time (a host callback raising)
+    JAX puts a traceback first and the cause last.
+    """
+    lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    message = (lines[-1] if running else lines[0])[:500]
     code = "invalid_transform" if isinstance(e, TypeError) else "model_error"
     return InvalidInput(f"{call.op} of '{call.model.name}' failed: {message}", code=code)

@@ -23,7 +23,7 @@ import numpy as np
 
 from client.errors import APIError, ServerBusy
 from service.calls import Call
-from service.engine.compiler import Compiler, avals_key
+from service.engine.compiler import Compiler, model_error
 from service.metrics import Metrics
 
 log = logging.getLogger("gradserve")
@@ -74,6 +74,7 @@ def _fetch(out: Any) -> Any:
 
 
 _OVERLAP_MEMORY_S = 1.0
+_MAX_OVERLAP_KEYS = 1024
 
 
 def bucket_for(n: int) -> int:
@@ -141,6 +142,9 @@ class DeviceWorkers:
             waiting = self._inflight.get(item.key, 0)
             if waiting:
                 self._overlapped[item.key] = item.enqueued
+                if len(self._overlapped) > _MAX_OVERLAP_KEYS:  # forget keys quiet for a while
+                    stale = item.enqueued - _OVERLAP_MEMORY_S
+                    self._overlapped = {k: t for k, t in self._overlapped.items() if t > stale}
             self._inflight[item.key] = waiting + 1
             self._depth.set(len(self._queue))
             self._cond.notify()
@@ -267,7 +271,10 @@ class DeviceWorkers:
             call, self.device, params, call.args, call.extra
         )
         t0 = time.perf_counter()
-        value = _fetch(compiled(params, call.args, call.extra))
+        try:
+            value = _fetch(compiled(params, call.args, call.extra))
+        except Exception as e:  # the model's own code failing at run time
+            raise model_error(call, e, running=True) from None
         return value, compile_s, time.perf_counter() - t0
 
     def _run_batched(self, batch: list[Item]) -> tuple[list[Any], float, float]:
@@ -294,4 +301,4 @@ class DeviceWorkers:
 
 
 def batch_key(call: Call) -> tuple:
-    return (call.model.name, call.program, avals_key((call.args, call.extra)))
+    return (call.model.name, *call.signature)

@@ -22,11 +22,8 @@ def test_exception_while_tracing_is_a_clean_422(limited):
 
 def test_exception_in_a_host_callback_is_a_clean_error(limited):
     response = send(limited, "callback_boom", "eval", wire.dumps({"args": [[1.0]]}))
-    if response.status_code == 500:
-        body = assert_problem(response, 500, "internal_error")
-        assert body["request_id"] in body["detail"]
-        pytest.xfail("engine: run-time errors of model code are not yet mapped to 422")
-    assert_problem(response, 422, "model_error", "'callback_boom'")
+    body = assert_problem(response, 422, "model_error", "'callback_boom'")
+    assert "Traceback" not in body["detail"]
     still_serving(limited)
 
 
