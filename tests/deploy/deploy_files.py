@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+# Not `from conftest import ROOT`: with several conftest.py files that name is ambiguous.
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @dataclass(frozen=True)
 class Instruction:

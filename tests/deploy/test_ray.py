@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +21,9 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from deploy_files import ROOT
 
 from client import wire
-from conftest import ROOT, free_port
 from service.models import cookbook as cb
 from service.ray_serve import REPLICA_HEADER
 
@@ -31,6 +32,12 @@ pytest.importorskip("ray.serve", reason="needs the `ray` extra")
 STARTUP_S = 150
 KEY = "ray-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

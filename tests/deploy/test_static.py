@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 import pytest
 from deploy_files import (
+    ROOT,
     Instruction,
     MissingVariable,
     bind_mounts,
@@ -36,7 +37,6 @@ from deploy_files import (
     shell_commands,
 )
 
-from conftest import ROOT
 from service.auth import KeyRing
 from service.cli import build_parser
 from service.settings import Settings
