@@ -153,7 +153,7 @@ def _once(f: Callable, x: np.ndarray) -> float:
 
 def start_server() -> tuple[subprocess.Popen, str]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import LiveServer
+    from helpers import LiveServer
 
     server = LiveServer().wait_ready()
     return server, server.url

@@ -48,7 +48,7 @@ except ImportError:  # Python 3.10
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
-DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+DEPLOY_DOC = ROOT / "README.md"  # its Deploy section
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # What a user would export before `docker compose up`.
 USER_ENV = {"GRADSERVE_API_KEYS": "k-client", "GRADSERVE_METRICS_KEY": "k-prometheus"}

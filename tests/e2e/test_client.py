@@ -36,7 +36,7 @@ from client import (
     vjp,
     vmap,
 )
-from conftest import free_port
+from helpers import free_port
 from service.models import cookbook as cb
 
 ROOT = Path(__file__).resolve().parents[2]
