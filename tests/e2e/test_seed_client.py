@@ -210,3 +210,33 @@ def test_in30_to_in36_complex(c: Client) -> None:
     ]
     np.testing.assert_allclose(got, np.asarray(want, np.complex64), rtol=1e-5, atol=1e-5)
     local(got, jax.grad(cb.cholesky_loss, holomorphic=True)(A), rtol=1e-5, atol=1e-5)
+
+
+def test_in27_vjp_of_piecewise(c: Client) -> None:
+    # The notebook's Python `if` becomes jnp.where in the served model: jit cannot branch on values.
+    y, f_vjp = vjp(c.model("piecewise"), 4.0)
+    local(y, cb.piecewise(np.float32(4.0)))
+    (x_bar,) = f_vjp(1.0)
+    printed(x_bar, 3.1415927)
+    local((x_bar,), jax.vjp(cb.piecewise, np.float32(4.0))[1](np.float32(1.0)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_in30_in31_complex_jvp_and_vjp(c: Client, seed: int) -> None:
+    key = random.PRNGKey(seed)
+    key, subkey = random.split(key)
+    coeffs = np.asarray(random.uniform(subkey, (4,)))
+    a, b, cc, d = coeffs
+    key, subkey = random.split(key)
+    x, y = np.asarray(random.uniform(subkey, (2,)))
+    z = np.complex64(x + y * 1j)
+    key, subkey = random.split(key)
+    dc, dd = np.asarray(random.uniform(subkey, (2,)))
+    fun = c.model("complex_linear")
+    _, ans = jvp(fun, (coeffs, z), (np.zeros(4, np.float32), np.complex64(dc + dd * 1j)))
+    expected = a * dc + b * dd + cc * dc * 1j + d * dd * 1j  # In[30]
+    assert np.allclose(ans, expected)
+    _, fun_vjp = vjp(fun, coeffs, z)
+    _, ans = fun_vjp(np.complex64(dc + dd * 1j))
+    expected = a * dc + cc * (-dd) + b * dc * (-1j) + d * (-dd) * (-1j)  # In[31]
+    assert np.allclose(ans, expected, atol=1e-5, rtol=1e-5)
