@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# gradserve server image (docs/deploy.md).
+# gradserve server image (README.md, "Deploy").
 #   CPU:          docker build -t gradserve .
 #   NVIDIA GPUs:  docker build --build-arg VARIANT=cuda12 -t gradserve:cuda12 .
 # VARIANT names a pyproject extra (cuda12, cuda13) that adds JAX's CUDA wheels; they bundle the

@@ -74,7 +74,9 @@ def encode_array(x: Any, binary: bool = False) -> dict[str, Any]:
         head["real"] = _float_data(x.real.ravel())
         head["imag"] = _float_data(x.imag.ravel())
     else:
-        head["data"] = _float_data(x.ravel()) if x.dtype.kind == "f" else x.ravel().tolist()
+        # bfloat16 is kind "V" to numpy, yet a float: it needs the non-finite spelling too.
+        is_float = x.dtype.kind == "f" or x.dtype.name == "bfloat16"
+        head["data"] = _float_data(x.ravel()) if is_float else x.ravel().tolist()
     return head
 
 
