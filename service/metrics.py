@@ -98,6 +98,14 @@ class Metrics:
             registry=registry,
         )
 
+        # Children bound once: `labels()` takes a lock and a dict lookup per call, and these
+        # are hit several times by every request.
+        self.phases = {
+            p: self.phase.labels(p) for p in ("decode", "queue", "compile", "compute", "encode")
+        }
+        self.bytes_in, self.bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
+        self.cache_hit, self.cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -96,10 +96,10 @@ async def compute(request: Request, name: str, op: str) -> Response:
     )
     decode_s, encode_s = decoded - received, time.perf_counter() - encode_start
     metrics = state.metrics
-    metrics.phase.labels("decode").observe(decode_s)
-    metrics.phase.labels("encode").observe(encode_s)
-    metrics.bytes.labels("in").inc(len(body))
-    metrics.bytes.labels("out").inc(len(content))
+    metrics.phases["decode"].observe(decode_s)
+    metrics.phases["encode"].observe(encode_s)
+    metrics.bytes_in.inc(len(body))
+    metrics.bytes_out.inc(len(content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
     server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
     server_timing += f', batch;desc="{outcome.batch_size}", device;desc="{outcome.device}"'

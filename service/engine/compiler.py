@@ -50,11 +50,11 @@ class CompileCache:
         with self._lock:
             compiled = self._entries.get(key)
             if compiled is None:
-                self.metrics.cache.labels("miss").inc()
+                self.metrics.cache_miss.inc()
                 return None
             self._entries.move_to_end(key)
             self._shapes[key.model].move_to_end(key.avals)
-            self.metrics.cache.labels("hit").inc()
+            self.metrics.cache_hit.inc()
             return compiled
 
     def put(self, key: CacheKey, compiled: Callable) -> None:

@@ -181,11 +181,16 @@ class DeviceWorkers:
             with self._cond:
                 self._busy += 1
             try:
-                self._execute(batch)
-            finally:
-                self._done(batch)
-                with self._cond:
-                    self._busy -= 1
+                answers = self._execute(batch)
+            except BaseException as bug:
+                answers = [(item, None, bug) for item in batch]
+            # Out of flight before answering: a client's next request, sent the moment this
+            # answer lands, must not look concurrent with it (and wait for companions).
+            self._done(batch)
+            with self._cond:
+                self._busy -= 1
+            for item, outcome, error in answers:
+                item.resolve(outcome, error)
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
@@ -234,7 +239,9 @@ class DeviceWorkers:
                 kept.append(item)
         self._queue = kept
 
-    def _execute(self, batch: list[Item]) -> None:
+    def _execute(
+        self, batch: list[Item]
+    ) -> list[tuple[Item, Outcome | None, BaseException | None]]:
         started = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -250,18 +257,16 @@ class DeviceWorkers:
                     "batching %s failed (%s); running unbatched", batch[0].call.model.name, error
                 )
                 self._unbatchable.add(batch[0].key)
-                for item in batch:
-                    self._execute([item])
-                return
-            for item in batch:
-                item.resolve(None, error)
-            return
+                return [answer for item in batch for answer in self._execute([item])]
+            return [(item, None, error) for item in batch]
         self.metrics.batch_size.observe(len(batch))
+        answers: list[tuple[Item, Outcome | None, BaseException | None]] = []
         for item, value in zip(batch, values, strict=True):
             timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
             for phase, seconds in timings.items():
-                self.metrics.phase.labels(phase).observe(seconds)
-            item.resolve(Outcome(value, timings, len(batch), self._name))
+                self.metrics.phases[phase].observe(seconds)
+            answers.append((item, Outcome(value, timings, len(batch), self._name), None))
+        return answers
 
     def _run_single(self, call: Call) -> tuple[Any, float, float]:
         params = self.params_for(call.model, self.device)
