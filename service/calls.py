@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from pydantic import ValidationError
 
+from client._trees import leaves, tree_map
 from client.errors import InvalidInput
 from client.specs import ArraySpec, canonical_dtype, check_args, dtype_name
 from client.wire import decode_tree
@@ -59,23 +60,6 @@ def avals_key(tree: Any) -> tuple:
     return treedef, tuple((x.shape, np.dtype(x.dtype).str) for x in flat)
 
 
-def leaves(tree: Any) -> list[np.ndarray]:
-    """Array leaves of a decoded tree, in document order."""
-    if isinstance(tree, Mapping):
-        return [x for v in tree.values() for x in leaves(v)]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in leaves(v)]
-    return [] if tree is None else [tree]
-
-
-def _map(fn: Any, tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map(fn, v) for v in tree)
-    return None if tree is None else fn(tree)
-
-
 def _validation_error(e: ValidationError) -> InvalidInput:
     errors = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in e.errors()]
     first = errors[0]
@@ -90,7 +74,7 @@ def _aval_spec(args: Any, batched: bool) -> Any:
         shape = (None, *x.shape) if batched else x.shape
         return ArraySpec(tuple(shape), dtype_name(x.dtype))
 
-    return _map(leaf, args)
+    return tree_map(leaf, args)
 
 
 def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
@@ -110,7 +94,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
 
     def decode(values: list, spec_list: Any, field: str) -> tuple:
         return tuple(
-            _map(
+            tree_map(
                 canonical,
                 decode_tree(
                     v,
@@ -127,7 +111,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     program = build_program(op, options, chain)
     if specs is not None and any(t.op == "vmap" for t in chain):
         # Mapped arguments carry extra axes: only the declared dtypes guide decoding.
-        decode_specs = [_map(lambda s: ArraySpec(None, s.dtype), spec) for spec in specs]
+        decode_specs = [tree_map(lambda s: ArraySpec(None, s.dtype), spec) for spec in specs]
     else:
         decode_specs = specs
     args = decode(request.args, decode_specs, "args")
@@ -146,7 +130,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
         extra = decode(request.tangents, tangent_specs, "tangents")
         _check_tangents(model.name, tangent_specs, args, extra, program.batched)
     elif op == "vjp":
-        extra = _map(
+        extra = tree_map(
             canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",))
         )
         _check_batch(model.name, leaves(extra), "cotangent", program.batched)
@@ -158,7 +142,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
 def _check_tangents(model: str, specs: list, args: tuple, tangents: tuple, batched: bool) -> None:
     # Integer primals take float0 tangents, which no client can send: skip their dtype check.
     relaxed = [
-        _map(lambda s: s if np.dtype(s.dtype).kind in "fc" else ArraySpec(s.shape), spec)
+        tree_map(lambda s: s if np.dtype(s.dtype).kind in "fc" else ArraySpec(s.shape), spec)
         for spec in specs
     ]
     check_args(model, relaxed, tangents, what="tangent")

@@ -10,9 +10,10 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from client import wire
+from client._trees import leaves
 from client.errors import ModelNotFound
 from service import codec
-from service.calls import leaves, prepare
+from service.calls import prepare
 from service.schemas import REQUESTS, RESPONSES, ModelInfo, ModelList, Problem
 from service.state import State
 from service.transforms import OPS, package

@@ -137,3 +137,32 @@ def assert_tree_equal(
             np.testing.assert_array_equal(g, w)
         else:
             np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def seed_draws() -> dict[str, np.ndarray]:
+    """The seed notebook's random draws, in its order, with the PRNG it ran with.
+
+    The notebook predates `jax_threefry_partitionable=True`; its W and b (and so its printed
+    numbers) come from the old setting, restored here for the draws only.
+    """
+    from jax import random
+
+    before = jax.config.jax_threefry_partitionable
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        key = random.PRNGKey(0)
+        key, W_key, b_key = random.split(key, 3)
+        draws = {"W": random.normal(W_key, (3,)), "b": random.normal(b_key, ())}  # In[3]
+        key, subkey = random.split(key)
+        draws["vec"] = random.normal(subkey, (3,))  # In[7]
+        key, subkey = random.split(key)
+        draws["v"] = random.normal(subkey, (3,))  # In[14]
+        key, subkey = random.split(key)
+        draws["u"] = random.normal(subkey, (4,))  # In[15]
+        key, k1, k2 = random.split(key, 3)
+        draws["X"], draws["V"] = random.normal(k1, (30, 40)), random.normal(k2, (30, 40))  # In[19]
+        draws["U"] = random.normal(random.PRNGKey(0), (128, 4))  # In[23]
+        draws["S"] = random.normal(random.PRNGKey(0), (128, 3))  # In[24]
+        return {k: np.asarray(x) for k, x in draws.items()}
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)

@@ -29,6 +29,7 @@ from client import (
     vmap,
 )
 from client.jax import as_jax
+from helpers import seed_draws
 from service.models import cookbook as cb
 
 
@@ -39,27 +40,8 @@ def c(client_server: Any) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def keys() -> Iterator[dict[str, np.ndarray]]:
-    """The notebook's random draws, in its order, with the PRNG it ran with."""
-    before = jax.config.jax_threefry_partitionable
-    jax.config.update("jax_threefry_partitionable", False)
-    try:
-        key = random.PRNGKey(0)
-        key, W_key, b_key = random.split(key, 3)
-        W, b = random.normal(W_key, (3,)), random.normal(b_key, ())  # In[3]
-        key, subkey = random.split(key)
-        vec = random.normal(subkey, W.shape)  # In[7]
-        key, subkey = random.split(key)
-        v = random.normal(subkey, W.shape)  # In[14]
-        key, subkey = random.split(key)
-        u = random.normal(subkey, (4,))  # In[15]
-        key, k1, k2 = random.split(key, 3)
-        X, V = random.normal(k1, (30, 40)), random.normal(k2, (30, 40))  # In[19]
-        U = random.normal(random.PRNGKey(0), (128, 4))  # In[23]
-        S = random.normal(random.PRNGKey(0), (128, 3))  # In[24]
-        yield {k: np.asarray(x) for k, x in locals().items() if isinstance(x, jax.Array)}
-    finally:
-        jax.config.update("jax_threefry_partitionable", before)
+def keys() -> dict[str, np.ndarray]:
+    return seed_draws()
 
 
 def printed(got: Any, value: Any) -> None:

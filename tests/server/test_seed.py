@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import random
 
-from helpers import ENCODINGS, assert_tree_equal, post
+from helpers import ENCODINGS, assert_tree_equal, post, seed_draws
 from service.models import cookbook as cb
 
 SEED_RTOL, SEED_ATOL = 1e-6, 1e-7
@@ -23,27 +23,8 @@ def enc(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def seed_keys():
-    """W, b and the later keys exactly as the notebook drew them (In[1], In[3], In[7]...)."""
-    before = jax.config.jax_threefry_partitionable
-    jax.config.update("jax_threefry_partitionable", False)
-    try:
-        key = random.PRNGKey(0)
-        key, W_key, b_key = random.split(key, 3)
-        W, b = random.normal(W_key, (3,)), random.normal(b_key, ())
-        key, subkey = random.split(key)
-        vec = random.normal(subkey, W.shape)  # In[7]
-        key, subkey = random.split(key)
-        v = random.normal(subkey, W.shape)  # In[14]
-        key, subkey = random.split(key)
-        u = random.normal(subkey, (4,))  # In[15]
-        key, k1, k2 = random.split(key, 3)
-        X, V = random.normal(k1, (30, 40)), random.normal(k2, (30, 40))  # In[19]
-        U = random.normal(random.PRNGKey(0), (128, 4))  # In[23]
-        S = random.normal(random.PRNGKey(0), (128, 3))  # In[24]
-        yield {k: np.asarray(x) for k, x in locals().items() if isinstance(x, jax.Array)}
-    finally:
-        jax.config.update("jax_threefry_partitionable", before)
+def seed_keys() -> dict[str, np.ndarray]:
+    return seed_draws()
 
 
 def seed_close(got, printed) -> None:
