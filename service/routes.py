@@ -75,17 +75,21 @@ async def compute(request: Request, name: str, op: str) -> Response:
     model = state.registry.get(name)
     request.scope["gradserve.labels"] = (name, op)
     settings = state.settings
-    media = codec.request_media(request)
-    answer_media = codec.response_media(request, media)
-    body = await codec.read_body(request, settings)
+    # While this request is read and decoded, a worker holding others of its model may wait
+    # for it to join their batch.
+    with state.engine.arriving(name):
+        media = codec.request_media(request)
+        answer_media = codec.response_media(request, media)
+        body = await codec.read_body(request, settings)
 
-    def decode() -> Any:
-        return prepare(model, op, codec.decode_body(body, media, settings), settings)
+        def decode() -> Any:
+            return prepare(model, op, codec.decode_body(body, media, settings), settings)
 
-    call = decode() if len(body) < _INLINE_BYTES else await run_in_threadpool(decode)
-    request.app.state.shape_budget.admit(call)  # 429 before a compile storm reaches a device
-    decoded = time.perf_counter()
-    outcome = await state.engine.run(call)
+        call = decode() if len(body) < _INLINE_BYTES else await run_in_threadpool(decode)
+        request.app.state.shape_budget.admit(call)  # 429 before a compile storm reaches a device
+        decoded = time.perf_counter()
+        result = state.engine.submit(call)
+    outcome = await result
     fields = package(call.op, call.program, outcome.value)
     encode_start = time.perf_counter()
     big = answer_media == wire.NPZ or _result_bytes(outcome.value) >= _INLINE_BYTES

@@ -11,6 +11,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -64,6 +66,9 @@ class Engine:
         self._params: dict[tuple[str, int], Any] = {}
         self._params_lock = threading.Lock()
         self._placement = {model.name: self._place(model) for model in registry}
+        # Requests received for a model and not yet queued (still being decoded): workers
+        # wait for companions only while some are on their way.
+        self._arriving: dict[str, int] = {}
         used = {d for devices in self._placement.values() for d in devices}
         self._workers = {
             device: DeviceWorkers(
@@ -71,6 +76,7 @@ class Engine:
                 self.compiler,
                 metrics,
                 self.params_for,
+                self._arriving,
                 threads=settings.workers_per_device,
                 max_queue=settings.max_queue,
                 max_batch_size=settings.max_batch_size,
@@ -115,8 +121,21 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self, call: Call) -> Outcome:
-        """Queue `call` on the least-loaded device of its model and await the result.
+    @contextmanager
+    def arriving(self, model: str) -> Iterator[None]:
+        """Count a request for `model` as on its way to a queue while the block runs."""
+        self._arriving[model] = self._arriving.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._arriving[model] - 1
+            self._arriving[model] = left
+            if not left:  # workers waiting for these companions need not wait any longer
+                for device in self._placement.get(model, ()):
+                    self._workers[device].poke()
+
+    def submit(self, call: Call) -> Awaitable[Outcome]:
+        """Queue `call` on the least-loaded device of its model now; await the result later.
 
         429 when that queue is full; 504 at the deadline, with the work dropped if it has not
         started (work already running finishes, and its answer is discarded).
@@ -127,11 +146,17 @@ class Engine:
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
         workers.submit(item)
+        return self._result(item, loop)
+
+    async def _result(self, item: Item, loop: asyncio.AbstractEventLoop) -> Outcome:
         timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         try:
             return await item.future
         finally:
             timer.cancel()
+
+    async def run(self, call: Call) -> Outcome:
+        return await self.submit(call)
 
     def _expire(self, item: Item) -> None:
         if not item.future.done():

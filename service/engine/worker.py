@@ -3,8 +3,9 @@
 Requests with the same batch key (model, program, input avals) that are queued together are
 stacked along a new axis and run as one vmapped executable, padded to a power-of-two bucket so
 a model compiles at most log2(max_batch_size) batched variants per shape. A worker waits up to
-`max_batch_delay` for companions only while a key is seeing concurrent traffic: a lone
-sequential client never pays the delay.
+`max_batch_delay` for companions only while more requests for the model are on their way
+(received, still being decoded): a lone client, or a closed loop whose every request is
+already in the batch, never pays the delay.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,6 @@ def _fetch(out: Any) -> Any:
     return jax.tree.map(_to_host, out)
 
 
-_OVERLAP_MEMORY_S = 1.0
-_MAX_OVERLAP_KEYS = 1024
-
-
 def bucket_for(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -90,6 +87,7 @@ class DeviceWorkers:
         compiler: Compiler,
         metrics: Metrics,
         params_for: Callable[[Any, jax.Device], Any],
+        arriving: Mapping[str, int],
         *,
         threads: int,
         max_queue: int,
@@ -111,10 +109,7 @@ class DeviceWorkers:
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
-        # Per batch key: requests submitted and not yet answered, and when one last arrived
-        # while another was in flight. Only keys seeing such overlap wait for companions.
-        self._inflight: dict[tuple, int] = {}
-        self._overlapped: dict[tuple, float] = {}
+        self._arriving = arriving  # model name -> requests received, not yet queued
         self._unbatchable: set[tuple] = set()
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
@@ -139,28 +134,13 @@ class DeviceWorkers:
                     headers={"Retry-After": "1"},
                 )
             self._queue.append(item)
-            waiting = self._inflight.get(item.key, 0)
-            if waiting:
-                self._overlapped[item.key] = item.enqueued
-                if len(self._overlapped) > _MAX_OVERLAP_KEYS:  # forget keys quiet for a while
-                    stale = item.enqueued - _OVERLAP_MEMORY_S
-                    self._overlapped = {k: t for k, t in self._overlapped.items() if t > stale}
-            self._inflight[item.key] = waiting + 1
             self._depth.set(len(self._queue))
             self._cond.notify()
 
-    def _done(self, items: list[Item]) -> None:
+    def poke(self) -> None:
+        """Wake workers waiting for companions: the requests they waited for will not come."""
         with self._cond:
-            for item in items:
-                self._forget(item)
-
-    def _forget(self, item: Item) -> None:
-        """Count `item` out of flight (the caller holds the lock)."""
-        left = self._inflight[item.key] - 1
-        if left:
-            self._inflight[item.key] = left
-        else:
-            del self._inflight[item.key]
+            self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking work; join the threads so none is left inside JAX at interpreter exit."""
@@ -184,9 +164,6 @@ class DeviceWorkers:
                 answers = self._execute(batch)
             except BaseException as bug:
                 answers = [(item, None, bug) for item in batch]
-            # Out of flight before answering: a client's next request, sent the moment this
-            # answer lands, must not look concurrent with it (and wait for companions).
-            self._done(batch)
             with self._cond:
                 self._busy -= 1
             for item, outcome, error in answers:
@@ -202,7 +179,6 @@ class DeviceWorkers:
                 first = self._queue.popleft()
                 if not first.cancelled:
                     break
-                self._forget(first)
             now = time.perf_counter()
             limit = (
                 1
@@ -211,13 +187,11 @@ class DeviceWorkers:
             )
             batch = [first]
             self._take_same_key(batch, limit)
-            # Only a key seeing concurrent traffic lately waits for companions: a sequential
-            # client never pays the delay.
-            concurrent = now - self._overlapped.get(first.key, -1.0) < _OVERLAP_MEMORY_S
             deadline = now + self.max_batch_delay
+            model = first.call.model.name
             while (
-                concurrent
-                and len(batch) < limit
+                len(batch) < limit
+                and self._arriving.get(model, 0) > 0
                 and (remaining := deadline - time.perf_counter()) > 0
             ):
                 self._cond.wait(remaining)
@@ -231,7 +205,6 @@ class DeviceWorkers:
         while self._queue:
             item = self._queue.popleft()
             if item.cancelled:
-                self._forget(item)
                 continue
             if item.key == key and len(batch) < limit:
                 batch.append(item)
