@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from client import wire
-from helpers import LiveServer
-from helpers import assert_tree_equal, decode
+from helpers import LiveServer, assert_tree_equal, decode
 from service import Settings, create_app
 from service.engine.compiler import CacheKey, CompileCache
 from service.metrics import Metrics
