@@ -101,8 +101,7 @@ class Compiler:
         unchanged so the worker can fall back to unbatched runs (whose checks name the fault).
         """
         model = call.model
-        avals = avals_key((args, extra)) if bucket else call.signature[1]
-        key = CacheKey(model.name, model.spec.version, call.program, device.id, avals, bucket)
+        key = self._key(call, device, args, extra, bucket)
         compiled = self.cache.get(key)
         if compiled is not None:
             return compiled, 0.0
@@ -127,6 +126,18 @@ class Compiler:
         self.metrics.compiles.labels(model.name).inc()
         self.metrics.compile_seconds.observe(seconds)
         return compiled, seconds
+
+    def cached(
+        self, call: Call, device: jax.Device, args: Any, extra: Any, bucket: int = 0
+    ) -> Callable | None:
+        """The executable if it is compiled already; never compiles."""
+        return self.cache.get(self._key(call, device, args, extra, bucket))
+
+    @staticmethod
+    def _key(call: Call, device: jax.Device, args: Any, extra: Any, bucket: int) -> CacheKey:
+        avals = avals_key((args, extra)) if bucket else call.signature[1]
+        model = call.model
+        return CacheKey(model.name, model.spec.version, call.program, device.id, avals, bucket)
 
     def _check_output_size(self, call: Call, out: Any) -> None:
         size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out))

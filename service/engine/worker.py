@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,10 @@ class DeviceWorkers:
         self._closed = False
         self._arriving = arriving  # model name -> requests received, not yet queued
         self._unbatchable: set[tuple] = set()
+        self._compiling: set[tuple] = set()
+        self._compiler_thread = ThreadPoolExecutor(
+            1, thread_name_prefix=f"gradserve-compile-{device}"
+        )
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
         self._threads = [
@@ -147,6 +152,7 @@ class DeviceWorkers:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._compiler_thread.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -222,6 +228,8 @@ class DeviceWorkers:
                 values = [value]
             else:
                 values, compile_s, compute_s = self._run_batched(batch)
+        except _BucketNotReady:
+            return [answer for item in batch for answer in self._execute([item])]
         except Exception as error:
             if len(batch) > 1 and not isinstance(error, APIError):
                 # The stacked program failed (say, the model cannot be vmapped): never batch
@@ -240,6 +248,26 @@ class DeviceWorkers:
                 self.metrics.phases[phase].observe(seconds)
             answers.append((item, Outcome(value, timings, len(batch), self._name), None))
         return answers
+
+    def _compile_later(
+        self, key: tuple, call: Call, params: Any, args: Any, extra: Any, bucket: int
+    ) -> None:
+        with self._cond:
+            if (key, bucket) in self._compiling:
+                return
+            self._compiling.add((key, bucket))
+
+        def compile_bucket() -> None:
+            try:
+                self.compiler.executable(call, self.device, params, args, extra, bucket)
+            except Exception as error:  # the model cannot be vmapped: stop batching it
+                log.warning("batching %s failed (%s); running unbatched", call.model.name, error)
+                self._unbatchable.add(key)
+            finally:
+                with self._cond:
+                    self._compiling.discard((key, bucket))
+
+        self._compiler_thread.submit(compile_bucket)
 
     def _run_single(self, call: Call) -> tuple[Any, float, float]:
         params = self.params_for(call.model, self.device)
@@ -266,16 +294,22 @@ class DeviceWorkers:
         params = self.params_for(call.model, self.device)
         # The unbatched program first: its checks (shapes, output size...) hold for every
         # item of the batch, and it is the fallback if the stacked program cannot be built.
-        _, check_s = self.compiler.executable(call, self.device, params, call.args, call.extra)
-        compiled, compile_s = self.compiler.executable(
-            call, self.device, params, stacked_args, stacked_extra, bucket
-        )
-        compile_s += check_s
+        _, compile_s = self.compiler.executable(call, self.device, params, call.args, call.extra)
+        compiled = self.compiler.cached(call, self.device, stacked_args, stacked_extra, bucket)
+        if compiled is None:
+            # Compiling a bucket takes longer than running the batch one by one: do that now,
+            # and compile on the side for the next batch of this size.
+            self._compile_later(batch[0].key, call, params, stacked_args, stacked_extra, bucket)
+            raise _BucketNotReady
         t0 = time.perf_counter()
         out = _fetch(compiled(params, stacked_args, stacked_extra))
         compute_s = time.perf_counter() - t0
         values = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(batch))]
         return values, compile_s, compute_s
+
+
+class _BucketNotReady(Exception):
+    """The stacked program for this batch size is still being compiled."""
 
 
 def batch_key(call: Call) -> tuple:

@@ -73,8 +73,14 @@ async def test_concurrent_requests_batch_and_equal_unbatched():
             )
 
         await one(0)  # compile the unbatched program first
-        responses = await asyncio.gather(*(one(i) for i in range(32)))
-    sizes = [int(timing(r, "batch")) for r in responses]
+        # A batch size seen for the first time runs one by one while its stacked program
+        # compiles on the side; later bursts of that size run stacked.
+        for _ in range(20):
+            responses = await asyncio.gather(*(one(i) for i in range(32)))
+            sizes = [int(timing(r, "batch")) for r in responses]
+            if max(sizes) > 1:
+                break
+            await asyncio.sleep(0.5)
     assert max(sizes) > 1, sizes
     for i, r in enumerate(responses):
         assert r.status_code == 200, r.text
