@@ -30,7 +30,8 @@ from service.settings import Settings
 
 log = logging.getLogger("gradserve")
 
-SCOPES = frozenset({"compute", "admin"})
+# `metrics`: a key that may only read /metrics (for Prometheus), never compute.
+SCOPES = frozenset({"compute", "admin", "metrics"})
 DEFAULT_SCOPES = frozenset({"compute"})
 OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

@@ -33,7 +33,10 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def keyed(keys_file: Path) -> Iterator[TestClient]:
     """Keys from the environment form (with scopes) and from a file of hashes."""
-    env_keys = f"{KEYS['compute']},{KEYS['admin']}:admin,{KEYS['both']}:compute+admin"
+    env_keys = (
+        f"{KEYS['compute']},{KEYS['admin']}:admin,{KEYS['both']}:compute+admin,"
+        f"{KEYS['metrics']}:metrics"
+    )
     settings = Settings(api_keys=env_keys, api_keys_file=keys_file)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client

@@ -24,7 +24,12 @@ LIMITS = {
     "max_batch_tangents": 16,
     "max_transform_depth": 4,
 }
-KEYS = {"compute": "ck-0123456789", "admin": "ak-0123456789", "both": "bk-0123456789"}
+KEYS = {
+    "compute": "ck-0123456789",
+    "admin": "ak-0123456789",
+    "both": "bk-0123456789",
+    "metrics": "mk-0123456789",
+}
 FILE_KEY = "fk-from-the-hashed-file"
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code", "request_id"}
 

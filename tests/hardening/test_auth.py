@@ -45,6 +45,15 @@ def test_key_without_the_scope_is_403(keyed):
     still_serving(keyed, **bearer(KEYS["both"]))
 
 
+def test_a_metrics_key_reads_metrics_and_cannot_compute(keyed):
+    assert keyed.get("/metrics", headers=bearer(KEYS["metrics"])).status_code == 200
+    response = keyed.post(
+        "/v1/models/tanh/eval", json={"args": [1.0]}, headers=bearer(KEYS["metrics"])
+    )
+    assert_problem(response, 403, "insufficient_scope", "'compute'")
+    still_serving(keyed, **bearer(KEYS["compute"]))
+
+
 def test_keys_from_the_hashed_file_work(keyed):
     still_serving(keyed, **bearer(FILE_KEY))
     # The file holds the hash: sending the hash itself is not the key.
