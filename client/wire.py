@@ -89,12 +89,11 @@ def _float_data(flat: np.ndarray) -> Any:
         return np.ascontiguousarray(flat)
     values = flat.tolist()
     if not finite:
-        values = [v if math.isfinite(v) else ("NaN" if v != v else repr_inf(v)) for v in values]
+        values = [
+            v if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
+            for v in values
+        ]
     return values
-
-
-def repr_inf(v: float) -> str:
-    return "Infinity" if v > 0 else "-Infinity"
 
 
 def _numeric(values: Any, dtype: np.dtype, loc: tuple) -> np.ndarray:

@@ -103,9 +103,6 @@ class Engine:
         replicas = model.spec.replicas or len(candidates)
         return candidates[:replicas]
 
-    def devices_of(self, model: Model) -> list[jax.Device]:
-        return self._placement[model.name]
-
     def device_for(self, model: Model) -> str:
         return ",".join(str(d) for d in self._placement[model.name])
 
@@ -155,9 +152,6 @@ class Engine:
         finally:
             timer.cancel()
 
-    async def run(self, call: Call) -> Outcome:
-        return await self.submit(call)
-
     def _expire(self, item: Item) -> None:
         if not item.future.done():
             item.cancelled = True
@@ -168,9 +162,6 @@ class Engine:
                     code="deadline_exceeded",
                 )
             )
-
-    def queue_depths(self) -> dict[str, int]:
-        return {str(d): w.load for d, w in self._workers.items()}
 
     def close(self) -> None:
         for workers in self._workers.values():
