@@ -39,6 +39,10 @@ def _transport_error(lib: ModuleType, e: Exception, url: str) -> TransportError:
     # is a pure function of its request.
     if isinstance(e, (lib.ConnectError, lib.ConnectTimeout, lib.RemoteProtocolError)):
         return ConnectError(f"cannot reach {url}: {e}")
+    # A pooled connection the server closed while idle fails on reuse with a read or write
+    # error: retried like a refused one, for the same reason.
+    if isinstance(e, (lib.ReadError, lib.WriteError)):
+        return ConnectError(f"connection to {url} dropped before an answer: {type(e).__name__} {e}")
     if isinstance(e, lib.TimeoutException):
         return Timeout(f"no answer from {url} within the timeout: {e}")
     return TransportError(f"{type(e).__name__} talking to {url}: {e}")

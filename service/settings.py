@@ -61,6 +61,9 @@ class Settings(BaseSettings):
 
     # SIGTERM: readyz 503 and new work refused for `shutdown_drain_s` (so load balancers
     # notice), then stop accepting and give in-flight work `shutdown_grace_s` to finish.
+    # Idle keep-alive connections are closed after this. uvicorn's 5 s default races pooled
+    # clients that reuse a connection just as the server drops it (a "lost" request).
+    keep_alive_s: int = Field(75, ge=1)
     shutdown_drain_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
 

@@ -65,6 +65,7 @@ def serve(app: FastAPI, settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     server = DrainingServer(config, app, settings.shutdown_drain_s)
     server.run()

@@ -312,6 +312,26 @@ def test_connect_errors_retry_then_raise() -> None:
     assert len(calls) == 3
 
 
+def test_a_connection_dropped_on_reuse_is_retried() -> None:
+    # A pooled keep-alive connection the server closed while idle fails with ReadError.
+    answers: list = [httpx.ReadError("connection reset"), httpx.Response(200, json={"models": []})]
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    c = Client(
+        "http://gs.test",
+        http_client=httpx.Client(transport=httpx.MockTransport(flaky)),
+        retries=2,
+        backoff=0.01,
+    )
+    assert c.models() == []
+    assert answers == []
+
+
 def test_read_timeouts_raise_timeout() -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
