@@ -17,7 +17,6 @@ import asyncio
 import http.client
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import ServerProcess  # noqa: E402
 from client import AsyncClient, Client  # noqa: E402
 
 BODY = b'{"args":[{"dtype":"float32","shape":[],"data":[2.0]}]}'
@@ -151,11 +151,8 @@ def _once(f: Callable, x: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import LiveServer
-
-    server = LiveServer().wait_ready()
+def start_server() -> tuple[ServerProcess, str]:
+    server = ServerProcess().wait_ready()
     return server, server.url
 
 

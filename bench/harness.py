@@ -7,7 +7,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,32 +24,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`python -m bench.server` on a free 127.0.0.1 port, stopped by PID."""
+class ServerProcess:
+    """A gradserve server in a subprocess on a free 127.0.0.1 port, stopped by PID.
 
-    def __init__(self, **env: str) -> None:
+    The one way the benchmarks, the soak and the tests start a server. Its output goes to a
+    file, not a pipe: a pipe nobody drains blocks a chatty server once 64 KiB fill it.
+    """
+
+    def __init__(
+        self,
+        *flags: str,
+        env: Mapping[str, str] | None = None,
+        program: Sequence[str] = ("service", "serve", "--host", "127.0.0.1"),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.started = time.perf_counter()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.server", "--port", str(self.port)],
+            [sys.executable, "-m", *program, "--port", str(self.port), *flags],
             cwd=ROOT,
-            env={**os.environ, "GRADSERVE_WARMUP": "true", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 180) -> Server:
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
+                raise RuntimeError(f"server exited: {self.output()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.02)
+        self.stop()
         raise TimeoutError(f"server on {self.url} not ready in {timeout} s")
 
     def peak_rss_mb(self) -> float:
@@ -56,20 +73,26 @@ class Server:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 20) -> int:
+        """SIGTERM, then SIGKILL after `grace` seconds; the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+        return self.proc.wait()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> ServerProcess:
         return self.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def Server(**env: str) -> ServerProcess:
+    """The benchmark's server (`bench.server`: gradserve plus a no-op route), warmed up."""
+    return ServerProcess(env={"GRADSERVE_WARMUP": "true", **env}, program=("bench.server",))
 
 
 def percentile(samples: list[float], q: float) -> float:

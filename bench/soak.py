@@ -18,11 +18,7 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import ServerProcess  # noqa: E402
 from client import wire  # noqa: E402
 
 
@@ -278,48 +275,6 @@ def process_stats(pid: int) -> dict[str, float]:
     }
 
 
-class OwnServer:
-    """`gradserve serve` on a free loopback port; its log goes to a file, not a pipe."""
-
-    def __init__(self, extra_env: dict[str, str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        # A file, not a pipe: a pipe nobody drains would block a chatty server.
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  (lives as long as the server)
-            prefix="gradserve-soak-", suffix=".log", delete=False
-        )
-        cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning"]  # fmt: skip
-        env = {**os.environ, "GRADSERVE_SHUTDOWN_DRAIN_S": "0", **extra_env}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(Path(self.log.name).read_text()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()
@@ -327,7 +282,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     if args.url:
         url, pid = args.url, args.pid
     else:
-        server = OwnServer({"GRADSERVE_REQUEST_TIMEOUT_S": "120"})
+        env = {"GRADSERVE_SHUTDOWN_DRAIN_S": "0", "GRADSERVE_REQUEST_TIMEOUT_S": "120"}
+        server = ServerProcess("--log-level", "warning", env=env)
         url, pid = server.url, server.proc.pid
     try:
         cases, invalid = valid_cases(rng, args.per_kind), invalid_cases()
@@ -359,7 +315,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)  # let closed connections and finished threads go
         after = process_stats(pid) if pid else {}
     finally:
-        exit_code = server.stop() if server else None
+        exit_code = server.stop(grace=60) if server else None
     report = {
         "clients": args.clients,
         "seconds": round(seconds, 1),

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class Model:
     spec: ModelDef
     params: Any = None
     has_params: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -89,8 +89,15 @@ def thaw(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class _Aval:
+    """Shape and dtype only: the per-example view of a vmapped argument, and what lets
+    `describe_array` describe tracers and ShapeDtypeStructs."""
+
     shape: tuple[int, ...]
     dtype: np.dtype
+
+    @classmethod
+    def of(cls, x: Any) -> _Aval:
+        return cls(tuple(x.shape), np.dtype(x.dtype))
 
 
 def _drop_axis(tree: Any, axes: Any) -> Any:
@@ -191,13 +198,6 @@ def _argnums(t: Transform, nargs: int, where: str) -> tuple[int, ...]:
     return tuple(n % nargs for n in nums)
 
 
-class _Shape:
-    """Duck-typed stand-in so `describe_array` can describe tracers and ShapeDtypeStructs."""
-
-    def __init__(self, x: Any) -> None:
-        self.shape, self.dtype = tuple(x.shape), np.dtype(x.dtype)
-
-
 def _check_inputs(t: Transform, args: Sequence[Any], where: str) -> None:
     for n in _argnums(t, len(args), where):
         for x in jax.tree.leaves(args[n]):
@@ -205,7 +205,7 @@ def _check_inputs(t: Transform, args: Sequence[Any], where: str) -> None:
             if not jnp.issubdtype(dtype, jnp.inexact):
                 raise InvalidInput(
                     f"{t.op} of {where} differentiates argument {n}, which is "
-                    f"{describe_array(_Shape(x))}; {t.op} needs real or complex inputs. "
+                    f"{describe_array(_Aval.of(x))}; {t.op} needs real or complex inputs. "
                     "Pick float arguments with argnums.",
                     code="integer_input",
                     loc=("args", n),
@@ -213,7 +213,7 @@ def _check_inputs(t: Transform, args: Sequence[Any], where: str) -> None:
             if t.holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
                 raise InvalidInput(
                     f"{t.op} of {where} with holomorphic=True needs complex inputs; argument "
-                    f"{n} is {describe_array(_Shape(x))}",
+                    f"{n} is {describe_array(_Aval.of(x))}",
                     code="holomorphic_real_input",
                     loc=("args", n),
                 )
@@ -229,7 +229,7 @@ def _check_scalar(t: Transform, f: Callable, args: Sequence[Any], where: str) ->
             )
         out = out[0]
     if not hasattr(out, "shape") or out.shape != ():
-        got = describe_array(_Shape(out)) if hasattr(out, "shape") else type(out).__name__
+        got = describe_array(_Aval.of(out)) if hasattr(out, "shape") else type(out).__name__
         fix = {
             "hessian": "Use call with transforms [jacrev, jacfwd] for each output's Hessian.",
             "hvp": "hvp is the Hessian-vector product of a scalar function; use jvp or vjp.",

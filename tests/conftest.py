@@ -13,7 +13,6 @@ from helpers import ROOT, LiveServer
 # Warm-up compiles every model's common ops before /readyz turns 200: seconds per app. Tests
 # build many apps, so it is off unless a test asks for it (tests/server/test_engine.py does).
 os.environ.setdefault("GRADSERVE_WARMUP", "false")
-SEED = ROOT.parent / "shared" / "seed" / "000_1b531a577a061421.txt"
 
 
 @pytest.fixture(scope="session")

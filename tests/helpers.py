@@ -6,85 +6,20 @@ Shared code lives here rather than in conftest.py: with a conftest.py in several
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jax
 import numpy as np
 
+from bench.harness import ServerProcess, free_port  # noqa: F401 - free_port for tests
 from client import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODINGS = ("json", "npz")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`gradserve serve` in a subprocess on a free loopback port; stopped by PID."""
-
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *flags,
-        ]
-        # A file, not a pipe: nobody reads a pipe while tests run, and once its 64 KiB fill
-        # with access-log lines the server blocks on its next log write.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 90.0) -> LiveServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.output()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+# `gradserve serve` in a subprocess: the same helper the benchmarks and the soak use.
+LiveServer = ServerProcess
 
 
 def to_numpy(tree: Any) -> Any:

@@ -14,8 +14,6 @@ from jax import random
 from helpers import ENCODINGS, assert_tree_equal, post, seed_draws
 from service.models import cookbook as cb
 
-SEED_RTOL, SEED_ATOL = 1e-6, 1e-7
-
 
 @pytest.fixture(params=ENCODINGS)
 def enc(request: pytest.FixtureRequest) -> str:
