@@ -91,6 +91,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "gradserve_queue_depth", "Requests waiting, by device", ["device"], registry=registry
         )
+        self.overdue_workers = Gauge(
+            "gradserve_overdue_workers",
+            "Worker threads still inside a computation past its deadline (each replaced)",
+            ["device"],
+            registry=registry,
+        )
         self.bytes = Counter(
             "gradserve_bytes",
             "Body bytes, by direction (in, out)",

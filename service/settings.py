@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Engine (service/engine/): devices, queues, batching, compile caches.
     cpu_devices: int | None = Field(None, ge=1, description="CPU devices to expose to JAX")
     workers_per_device: int = Field(2, ge=1)
+    max_overdue_workers: int = Field(
+        8, ge=0, description="threads per device started to replace workers stuck past deadlines"
+    )
     max_queue: int = Field(256, ge=1, description="queued requests per device before 429")
     max_batch_size: int = Field(32, ge=1, description="1 turns dynamic batching off")
     max_batch_delay_ms: float = Field(2.0, ge=0)

@@ -78,6 +78,7 @@ class Engine:
                 self.params_for,
                 self._arriving,
                 threads=settings.workers_per_device,
+                max_overdue=settings.max_overdue_workers,
                 max_queue=settings.max_queue,
                 max_batch_size=settings.max_batch_size,
                 max_batch_delay=settings.max_batch_delay_ms / 1e3,
@@ -143,18 +144,21 @@ class Engine:
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
         workers.submit(item)
-        return self._result(item, loop)
+        return self._result(item, workers, loop)
 
-    async def _result(self, item: Item, loop: asyncio.AbstractEventLoop) -> Outcome:
-        timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
+    async def _result(
+        self, item: Item, workers: DeviceWorkers, loop: asyncio.AbstractEventLoop
+    ) -> Outcome:
+        timer = loop.call_later(self.settings.request_timeout_s, self._expire, item, workers)
         try:
             return await item.future
         finally:
             timer.cancel()
 
-    def _expire(self, item: Item) -> None:
+    def _expire(self, item: Item, workers: DeviceWorkers) -> None:
         if not item.future.done():
             item.cancelled = True
+            workers.overdue(item)
             item.future.set_exception(
                 DeadlineExceeded(
                     f"{item.call.op} of '{item.call.model.name}' did not finish within "

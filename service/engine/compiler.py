@@ -108,15 +108,13 @@ class Compiler:
         t0 = time.perf_counter()
         fn = program_function(model.bound(), call.program, model.name)
         if bucket:
-            compiled = (
-                jax.jit(jax.vmap(fn, in_axes=(None, 0, 0))).lower(params, args, extra).compile()
-            )
+            compiled = _compile(jax.vmap(fn, in_axes=(None, 0, 0)), device, params, args, extra)
         else:
             try:
                 if call.op == "vjp":
                     self._check_cotangent(call, params, args)
                 self._check_output_size(call, jax.eval_shape(fn, params, args, extra))
-                compiled = jax.jit(fn).lower(params, args, extra).compile()
+                compiled = _compile(fn, device, params, args, extra)
             except APIError:
                 raise
             except Exception as e:  # the model's own code, or JAX refusing the transform
@@ -162,6 +160,14 @@ class Compiler:
         check_args(
             call.model.name, [jax.tree.map(spec, function_output)], [call.extra], what="cotangent"
         )
+
+
+def _compile(fn: Callable, device: jax.Device, *args: Any) -> Callable:
+    # Host (numpy) arguments are uncommitted, so without a default device XLA would place
+    # every executable on device 0 whichever worker compiled it; under it, the executable
+    # runs where its worker is, and the arguments move there as it is called.
+    with jax.default_device(device):
+        return jax.jit(fn).lower(*args).compile()
 
 
 def model_error(call: Call, e: Exception, running: bool = False) -> InvalidInput:

@@ -51,6 +51,7 @@ class Item:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     cancelled: bool = False  # set by the event loop at the deadline: drop if not started
+    runner: int | None = None  # the worker thread that took it
 
     def resolve(self, outcome: Outcome | None, error: BaseException | None = None) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, outcome, error)
@@ -70,9 +71,16 @@ def _to_host(x: Any) -> np.ndarray:
     return np.zeros(x.shape, bool) if x.dtype == jax.dtypes.float0 else np.asarray(x)
 
 
-def _fetch(out: Any) -> Any:
-    """Device results -> numpy (np.asarray per leaf: cheaper than jax.device_get when small)."""
-    return jax.tree.map(_to_host, out)
+def _fetch(out: Any) -> tuple[Any, str]:
+    """Device results -> numpy (np.asarray per leaf: cheaper than jax.device_get when small),
+    and the device that computed them, as reported by the result itself."""
+    on_device = [x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)][:1]
+    where = (
+        ",".join(sorted(f"{d.platform}:{d.id}" for d in on_device[0].devices()))
+        if on_device
+        else ""
+    )
+    return jax.tree.map(_to_host, out), where
 
 
 def bucket_for(n: int) -> int:
@@ -91,6 +99,7 @@ class DeviceWorkers:
         arriving: Mapping[str, int],
         *,
         threads: int,
+        max_overdue: int,
         max_queue: int,
         max_batch_size: int,
         max_batch_delay: float,
@@ -113,17 +122,30 @@ class DeviceWorkers:
         self._arriving = arriving  # model name -> requests received, not yet queued
         self._unbatchable: set[tuple] = set()
         self._compiling: set[tuple] = set()
+        # Worker threads inside a computation that passed its deadline. Python cannot stop
+        # them, so each is replaced by a fresh thread (up to `max_overdue`) and leaves when
+        # its computation ends: one hung model cannot take every worker of a device.
+        self.max_overdue = max_overdue
+        self._active: set[int] = set()
+        self._overdue: set[int] = set()
         self._compiler_thread = ThreadPoolExecutor(
             1, thread_name_prefix=f"gradserve-compile-{device}"
         )
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
-        self._threads = [
-            threading.Thread(target=self._run, name=f"gradserve-{device}-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for t in self._threads:
-            t.start()
+        self._overdue_gauge = metrics.overdue_workers.labels(self._name)
+        self._started = 0
+        self._threads: list[threading.Thread] = []
+        for _ in range(threads):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._run, name=f"gradserve-{self.device}-{self._started}", daemon=True
+        )
+        self._started += 1
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     @property
     def load(self) -> int:
@@ -141,6 +163,29 @@ class DeviceWorkers:
             self._queue.append(item)
             self._depth.set(len(self._queue))
             self._cond.notify()
+
+    def overdue(self, item: Item) -> None:
+        """`item` passed its deadline: if a worker is still inside it, start a replacement."""
+        with self._cond:
+            runner = item.runner
+            if runner not in self._active or runner in self._overdue or self._closed:
+                return
+            if len(self._overdue) >= self.max_overdue:
+                log.error(
+                    "%d workers of %s are stuck past their deadlines; starting no more",
+                    len(self._overdue),
+                    self._name,
+                )
+                return
+            self._overdue.add(runner)
+            self._overdue_gauge.set(len(self._overdue))
+            self._start_thread()
+        log.warning(
+            "%s of '%s' is still running past its deadline; another worker took its place on %s",
+            item.call.op,
+            item.call.model.name,
+            self._name,
+        )
 
     def poke(self) -> None:
         """Wake workers waiting for companions: the requests they waited for will not come."""
@@ -160,20 +205,26 @@ class DeviceWorkers:
     # -- worker threads -------------------------------------------------------------------
 
     def _run(self) -> None:
+        me = threading.get_ident()
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            with self._cond:
-                self._busy += 1
             try:
                 answers = self._execute(batch)
             except BaseException as bug:
+                log.exception("worker of %s failed", self._name)
                 answers = [(item, None, bug) for item in batch]
             with self._cond:
                 self._busy -= 1
+                self._active.discard(me)
+                replaced = me in self._overdue
+                self._overdue.discard(me)
+                self._overdue_gauge.set(len(self._overdue))
             for item, outcome, error in answers:
                 item.resolve(outcome, error)
+            if replaced:
+                return
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
@@ -203,6 +254,11 @@ class DeviceWorkers:
                 self._cond.wait(remaining)
                 self._take_same_key(batch, limit)
             self._depth.set(len(self._queue))
+            me = threading.get_ident()
+            for item in batch:
+                item.runner = me
+            self._active.add(me)
+            self._busy += 1
             return batch
 
     def _take_same_key(self, batch: list[Item], limit: int) -> None:
@@ -224,10 +280,10 @@ class DeviceWorkers:
         started = time.perf_counter()
         try:
             if len(batch) == 1:
-                value, compile_s, compute_s = self._run_single(batch[0].call)
+                value, compile_s, compute_s, where = self._run_single(batch[0].call)
                 values = [value]
             else:
-                values, compile_s, compute_s = self._run_batched(batch)
+                values, compile_s, compute_s, where = self._run_batched(batch)
         except _BucketNotReady:
             return [answer for item in batch for answer in self._execute([item])]
         except Exception as error:
@@ -246,7 +302,7 @@ class DeviceWorkers:
             timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
             for phase, seconds in timings.items():
                 self.metrics.phases[phase].observe(seconds)
-            answers.append((item, Outcome(value, timings, len(batch), self._name), None))
+            answers.append((item, Outcome(value, timings, len(batch), where), None))
         return answers
 
     def _compile_later(
@@ -269,7 +325,7 @@ class DeviceWorkers:
 
         self._compiler_thread.submit(compile_bucket)
 
-    def _run_single(self, call: Call) -> tuple[Any, float, float]:
+    def _run_single(self, call: Call) -> tuple[Any, float, float, str]:
         params = self.params_for(call.model, self.device)
         # Host arrays go straight in: the executable moves them to its device, at a fraction
         # of the cost of a separate jax.device_put.
@@ -278,12 +334,12 @@ class DeviceWorkers:
         )
         t0 = time.perf_counter()
         try:
-            value = _fetch(compiled(params, call.args, call.extra))
+            value, where = _fetch(compiled(params, call.args, call.extra))
         except Exception as e:  # the model's own code failing at run time
             raise model_error(call, e, running=True) from None
-        return value, compile_s, time.perf_counter() - t0
+        return value, compile_s, time.perf_counter() - t0, where
 
-    def _run_batched(self, batch: list[Item]) -> tuple[list[Any], float, float]:
+    def _run_batched(self, batch: list[Item]) -> tuple[list[Any], float, float, str]:
         call = batch[0].call
         bucket = bucket_for(len(batch))
         padded = [item.call for item in batch] + [call] * (bucket - len(batch))
@@ -302,10 +358,10 @@ class DeviceWorkers:
             self._compile_later(batch[0].key, call, params, stacked_args, stacked_extra, bucket)
             raise _BucketNotReady
         t0 = time.perf_counter()
-        out = _fetch(compiled(params, stacked_args, stacked_extra))
+        out, where = _fetch(compiled(params, stacked_args, stacked_extra))
         compute_s = time.perf_counter() - t0
         values = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(batch))]
-        return values, compile_s, compute_s
+        return values, compile_s, compute_s, where
 
 
 class _BucketNotReady(Exception):

@@ -16,13 +16,23 @@ from service import Settings, create_app
 TIMEOUT_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def deadlined() -> Iterator[TestClient]:
+def _app() -> Iterator[TestClient]:
     settings = Settings(
         models=[FAULTY_MODELS], request_timeout_s=TIMEOUT_S, workers_per_device=2, warmup=False
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def deadlined() -> Iterator[TestClient]:
+    yield from _app()
+
+
+@pytest.fixture
+def fresh_deadlined() -> Iterator[TestClient]:
+    """Its own app: the overdue-worker gauge starts at 0."""
+    yield from _app()
 
 
 @pytest.mark.parametrize(
@@ -47,4 +57,31 @@ def test_a_hanging_model_gets_504_and_others_still_answer(deadlined, model, x):
     assert finished - started < TIMEOUT_S + 1.0, "504 must come at the deadline, not when it ends"
     assert served < TIMEOUT_S + 1.0, "another model waited for the hung one"
     time.sleep(max(0.0, started + 3.5 - time.perf_counter()))  # the worker is back
+    still_serving(deadlined)
+
+
+def test_hung_calls_on_every_worker_do_not_starve_the_device(fresh_deadlined):
+    deadlined = fresh_deadlined
+    # Two shapes, so the two calls are not batched together: each holds one of the 2 workers.
+    bodies = [wire.dumps({"args": [[3.0] * n]}) for n in (1, 2)]
+    answers: list = []
+    hung = [
+        threading.Thread(target=lambda b=b: answers.append(send(deadlined, "sleepy", "eval", b)))
+        for b in bodies
+    ]
+    for thread in hung:
+        thread.start()
+    time.sleep(TIMEOUT_S + 0.5)  # both are past the deadline and still sleeping in their workers
+    started = time.perf_counter()
+    still_serving(deadlined)
+    served = time.perf_counter() - started
+    overdue = deadlined.get("/metrics").text
+    for thread in hung:
+        thread.join(30)
+    assert served < 1.0, "a model waited for the workers stuck in the hung ones"
+    assert 'gradserve_overdue_workers{device="cpu:0"} 2.0' in overdue
+    for response in answers:
+        assert_problem(response, 504, "deadline_exceeded", "'sleepy'")
+    time.sleep(max(0.0, started + 2.5 - time.perf_counter()))  # the stuck ones finish and leave
+    assert 'gradserve_overdue_workers{device="cpu:0"} 0.0' in deadlined.get("/metrics").text
     still_serving(deadlined)

@@ -148,7 +148,10 @@ def test_full_queue_is_429_with_retry_after(app_factory):
 def test_deadline_is_504_and_unstarted_work_is_dropped(app_factory):
     import sys
 
-    with app_factory(models=[ENGINE_MODELS], request_timeout_s=0.5, workers_per_device=1) as client:
+    # No replacement worker: the second request stays queued behind the first until dropped.
+    with app_factory(
+        models=[ENGINE_MODELS], request_timeout_s=0.5, workers_per_device=1, max_overdue_workers=0
+    ) as client:
         runs = sys.modules["gradserve_models_engine_models"].RUNS
         client.post("/v1/models/slow/eval", json={"args": [1.0, 0.0]})  # compile
         before = runs["slow"]
@@ -226,7 +229,7 @@ def test_routing_spreads_over_two_cpu_devices(two_device_server):
             headers={"content-type": wire.NPZ},
             timeout=30,
         )
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200, f"{r.text}\nserver log:\n{two_device_server.output()[-4000:]}"
         assert_tree_equal(
             decode(r)["grad"],
             jax.grad(lambda v: jax.numpy.sum(jax.numpy.sin(v) ** 2))(x),
