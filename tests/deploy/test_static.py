@@ -312,6 +312,9 @@ def test_compose_environment_is_gradserve_settings(
         assert settings.port == CONTAINER_PORT, name
         keys = KeyRing.from_settings(settings)
         assert len(keys.entries) == 2, "the client key and Prometheus' key"
+        # Prometheus' key reads /metrics and nothing else; the client's computes.
+        assert keys.authenticate(f"Bearer {USER_ENV['GRADSERVE_METRICS_KEY']}") == {"metrics"}
+        assert "compute" in keys.authenticate(f"Bearer {USER_ENV['GRADSERVE_API_KEYS']}")
         # The models the service loads are in the folder it mounts read-only.
         mounts = {target: source for source, target, _ in bind_mounts(service)}
         for model_file in settings.models:
@@ -319,7 +322,7 @@ def test_compose_environment_is_gradserve_settings(
             assert (ROOT / mounts[folder] / rel).is_file(), f"{name}: {model_file}"
     without_metrics = interpolated(load_yaml(COMPOSE), {"GRADSERVE_API_KEYS": "k"})
     env = environment(without_metrics["services"]["gradserve"])
-    assert KeyRing.from_settings(env_settings(env, monkeypatch)).entries
+    assert len(KeyRing.from_settings(env_settings(env, monkeypatch)).entries) == 1
 
 
 def test_compose_commands_and_files_exist(compose: dict[str, Any]) -> None:
