@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from service.auth import KeyRing, add_hash_key_command, bind_refusal, hash_key_main
 from service.ray_serve import add_ray_arguments, ray_options
@@ -57,10 +59,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+MALLOC_ARENAS = "2"
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Cap glibc's malloc arenas at MALLOC_ARENA_MAX (default 2) before any thread starts.
+
+    glibc gives threads that allocate at once arenas of their own, up to 8 per core, and memory
+    freed in one arena is not reused by another. The threads that decode large JSON bodies
+    then raise the RSS step after step: the soak grew 0.5 MiB/s with the default, and stays
+    flat with 2. An operator's own MALLOC_ARENA_MAX wins; on other C libraries this does nothing.
+    """
+    environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)  # inherited by Ray's replicas too
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, int(environ["MALLOC_ARENA_MAX"]))
+    except (OSError, AttributeError, ValueError):
+        pass  # not glibc (musl, ...), or a value glibc would not take either
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "hash-key":
         return hash_key_main(args)
+    limit_malloc_arenas()
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"

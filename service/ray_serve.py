@@ -186,7 +186,7 @@ def replica_env(options: RayOptions, environ: Mapping[str, str] = os.environ) ->
     env = {
         k: v
         for k, v in environ.items()
-        if k.startswith("XLA_PYTHON_CLIENT_") or k == "JAX_PLATFORMS"
+        if k.startswith("XLA_PYTHON_CLIENT_") or k in ("JAX_PLATFORMS", "MALLOC_ARENA_MAX")
     }
     if not options.gpus_per_replica:
         # A replica that Ray gave no GPU must not take one from a replica that it did.

@@ -6,6 +6,7 @@ is measured apart from compute and a request never triggers a hidden recompile.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -87,10 +88,19 @@ class CompileCache:
 
 
 class Compiler:
-    """Builds, checks and caches the executable of a `Call` on a device."""
+    """Builds, checks and caches the executable of a `Call` on a device.
+
+    Refusals are cached too (a bounded LRU of the error per key): a trace-time error is as
+    deterministic as a compile, and without the cache a client repeating a request that fails
+    (grad of a vector output, say) would cost a trace each time, a third of a device's rate.
+    """
+
+    max_refusals = 1024
 
     def __init__(self, cache: CompileCache, metrics: Metrics, max_output_elements: int) -> None:
         self.cache, self.metrics, self.max_output_elements = cache, metrics, max_output_elements
+        self._refusals: OrderedDict[CacheKey, APIError] = OrderedDict()
+        self._refusals_lock = threading.Lock()
 
     def executable(
         self, call: Call, device: jax.Device, params: Any, args: Any, extra: Any, bucket: int = 0
@@ -105,25 +115,48 @@ class Compiler:
         compiled = self.cache.get(key)
         if compiled is not None:
             return compiled, 0.0
+        if not bucket:
+            self._raise_if_refused(key)
         t0 = time.perf_counter()
         fn = program_function(model.bound(), call.program, model.name)
         if bucket:
-            compiled = _compile(jax.vmap(fn, in_axes=(None, 0, 0)), device, params, args, extra)
+            stacked = jax.vmap(fn, in_axes=(None, 0, 0))
+            compiled = _lower(stacked, device, params, args, extra).compile()
         else:
             try:
                 if call.op == "vjp":
                     self._check_cotangent(call, params, args)
                 self._check_output_size(call, jax.eval_shape(fn, params, args, extra))
-                compiled = _compile(fn, device, params, args, extra)
-            except APIError:
+                lowered = _lower(fn, device, params, args, extra)
+            except APIError as e:
+                self._refused(key, e)
                 raise
             except Exception as e:  # the model's own code, or JAX refusing the transform
+                raise self._refused(key, model_error(call, e)) from None
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # XLA failing, out of memory say: may pass, so not kept
                 raise model_error(call, e) from None
         seconds = time.perf_counter() - t0
         self.cache.put(key, compiled)
         self.metrics.compiles.labels(model.name).inc()
         self.metrics.compile_seconds.observe(seconds)
         return compiled, seconds
+
+    def _raise_if_refused(self, key: CacheKey) -> None:
+        with self._refusals_lock:
+            refusal = self._refusals.get(key)
+            if refusal is None:
+                return
+            self._refusals.move_to_end(key)
+        raise copy.copy(refusal)  # a fresh one: raising shares its traceback between threads
+
+    def _refused(self, key: CacheKey, error: APIError) -> APIError:
+        with self._refusals_lock:
+            self._refusals[key] = copy.copy(error)
+            while len(self._refusals) > self.max_refusals:
+                self._refusals.popitem(last=False)
+        return error
 
     def cached(
         self, call: Call, device: jax.Device, args: Any, extra: Any, bucket: int = 0
@@ -162,12 +195,12 @@ class Compiler:
         )
 
 
-def _compile(fn: Callable, device: jax.Device, *args: Any) -> Callable:
+def _lower(fn: Callable, device: jax.Device, *args: Any) -> Any:
     # Host (numpy) arguments are uncommitted, so without a default device XLA would place
     # every executable on device 0 whichever worker compiled it; under it, the executable
     # runs where its worker is, and the arguments move there as it is called.
     with jax.default_device(device):
-        return jax.jit(fn).lower(*args).compile()
+        return jax.jit(fn).lower(*args)
 
 
 def model_error(call: Call, e: Exception, running: bool = False) -> InvalidInput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi import Request, Response
 
-from service.cli import build_parser
+from service.cli import MALLOC_ARENAS, build_parser, limit_malloc_arenas
 from service.ray_serve import (
     MAX_ONGOING_REQUESTS,
     REPLICA_HEADER,
@@ -96,6 +96,16 @@ def test_operator_jax_variables_reach_the_replicas() -> None:
     operator = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2", "JAX_PLATFORMS": "cuda", "HOME": "/x"}
     env = replica_env(RayOptions(), environ=operator)
     assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2", "JAX_PLATFORMS": "cuda"}
+
+
+def test_malloc_arenas_capped_unless_the_operator_chose_and_passed_to_replicas() -> None:
+    environ: dict[str, str] = {}
+    limit_malloc_arenas(environ)
+    assert environ == {"MALLOC_ARENA_MAX": MALLOC_ARENAS}
+    assert replica_env(RayOptions(), environ=environ)["MALLOC_ARENA_MAX"] == MALLOC_ARENAS
+    operator = {"MALLOC_ARENA_MAX": "8"}
+    limit_malloc_arenas(operator)
+    assert operator == {"MALLOC_ARENA_MAX": "8"}
 
 
 def test_gpu_memory_fraction_goes_to_the_replicas_settings() -> None:

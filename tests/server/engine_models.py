@@ -52,3 +52,13 @@ def spread(x: jax.Array) -> jax.Array:
 )
 def wants_gpu(x: jax.Array) -> jax.Array:
     return x * 2
+
+
+# How many times `vector_out` was traced: a refused request must not trace it again.
+TRACES = {"vector_out": 0}
+
+
+@model("vector_out", inputs=[((None,), "float32")], description="2x; grad of it is refused")
+def vector_out(x: jax.Array) -> jax.Array:
+    TRACES["vector_out"] += 1
+    return 2 * x

@@ -177,6 +177,25 @@ def test_deadline_is_504_and_unstarted_work_is_dropped(app_factory):
         assert r.status_code == 200
 
 
+def test_a_refusal_is_remembered_not_traced_again(app_factory):
+    import sys
+
+    with app_factory(models=[ENGINE_MODELS]) as client:
+        traces = sys.modules["gradserve_models_engine_models"].TRACES
+        refusals = []
+        for _ in range(3):
+            r = client.post("/v1/models/vector_out/grad", json={"args": [[1.0, 2.0]]})
+            refusals.append((r.status_code, r.json()["code"], r.json()["detail"]))
+            if len(refusals) == 1:
+                traced = traces["vector_out"]
+        assert refusals[0][:2] == (422, "non_scalar_output") and len(set(refusals)) == 1
+        assert traces["vector_out"] == traced  # the same request again costs no trace
+        r = client.post("/v1/models/vector_out/grad", json={"args": [[1.0, 2.0, 3.0]]})
+        assert r.status_code == 422 and traces["vector_out"] > traced  # a new shape is traced
+        r = client.post("/v1/models/vector_out/eval", json={"args": [[1.0, 2.0]]})
+        assert r.status_code == 200 and r.json()["value"]["data"] == [2.0, 4.0]
+
+
 def test_healthz_answers_while_every_worker_is_busy(app_factory):
     with app_factory(models=[ENGINE_MODELS], workers_per_device=1) as client:
         done = threading.Event()
