@@ -64,7 +64,7 @@ def main() -> None:
         path.write_text(
             f"# Benchmarks\n\n`python -m bench` on {machine()}, {stamp}.\n"
             "Client and server share the machine; each ratio is measured side by side in one run.\n\n"
-            f"{report}\n"
+            f"{report}\n\nWhere the time goes in the missed targets: [profile.md](profile.md).\n"
         )
         print(f"\nwritten to {path.relative_to(ROOT)}", file=sys.stderr)
 
