@@ -171,11 +171,12 @@ class DeviceWorkers:
             if runner not in self._active or runner in self._overdue or self._closed:
                 return
             if len(self._overdue) >= self.max_overdue:
-                log.error(
-                    "%d workers of %s are stuck past their deadlines; starting no more",
-                    len(self._overdue),
-                    self._name,
-                )
+                if self.max_overdue:  # 0: replacing is turned off, nothing to report
+                    log.error(
+                        "%d workers of %s are stuck past their deadlines; starting no more",
+                        len(self._overdue),
+                        self._name,
+                    )
                 return
             self._overdue.add(runner)
             self._overdue_gauge.set(len(self._overdue))
