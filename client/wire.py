@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from client import _zip
+from client import _npy, _zip
 from client.errors import InvalidInput, PayloadTooLarge
 from client.specs import ArraySpec, SpecTree, dtype_from_name, dtype_name
 
@@ -368,20 +368,12 @@ def load_npz(
 def _read_member(archive: _zip.Reader, member: _zip.Member, name: str) -> np.ndarray:
     try:
         data = archive.read(member, limit=member.size)
-        head = io.BytesIO(bytes(data[: min(len(data), 65536 + 16)]))
-        version = np.lib.format.read_magic(head)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(head)
+        shape, fortran, dtype, offset = _npy.read_header(data)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise _bad(f"malformed npz member {name!r}: {e}", code="invalid_npz") from None
     if dtype.hasobject:
         raise _bad(f"npz member {name!r} holds Python objects", code="invalid_npz")
     count = math.prod(shape)
-    offset = head.tell()
     if offset + count * dtype.itemsize != len(data):
         raise _bad(f"npz member {name!r} does not match its header", code="invalid_npz")
     arr = np.frombuffer(data, dtype, count, offset)
