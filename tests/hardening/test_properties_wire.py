@@ -59,6 +59,8 @@ def assert_same(got: object, want: object, bits: bool) -> None:
         if bits:  # base64 and npz carry the bytes themselves, NaN payloads included
             assert got.tobytes() == want.tobytes()
         else:  # JSON: every value exactly, NaN as NaN (JSON's "NaN" carries no sign or payload)
+            if want.dtype.name == "bfloat16":  # opaque to numpy's NaN handling; float32 is exact
+                got, want = got.astype(np.float32), want.astype(np.float32)
             np.testing.assert_array_equal(got, want)
             if want.dtype.kind in "fc":
                 for part in (np.real, np.imag) if want.dtype.kind == "c" else (np.asarray,):
