@@ -116,7 +116,11 @@ class DeviceWorkers:
             max_batch_delay,
         )
         self._queue: deque[Item] = deque()
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # idle workers wait here for work
+        # Workers holding a batch wait here for companions: a request leaving "arriving"
+        # wakes only them, not every idle worker (two needless thread switches per request).
+        self._companions = threading.Condition(lock)
         self._busy = 0
         self._closed = False
         self._arriving = arriving  # model name -> requests received, not yet queued
@@ -163,6 +167,7 @@ class DeviceWorkers:
             self._queue.append(item)
             self._depth.set(len(self._queue))
             self._cond.notify()
+            self._companions.notify_all()
 
     def overdue(self, item: Item) -> None:
         """`item` passed its deadline: if a worker is still inside it, start a replacement."""
@@ -191,13 +196,14 @@ class DeviceWorkers:
     def poke(self) -> None:
         """Wake workers waiting for companions: the requests they waited for will not come."""
         with self._cond:
-            self._cond.notify_all()
+            self._companions.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking work; join the threads so none is left inside JAX at interpreter exit."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._companions.notify_all()
         self._compiler_thread.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -252,7 +258,7 @@ class DeviceWorkers:
                 and self._arriving.get(model, 0) > 0
                 and (remaining := deadline - time.perf_counter()) > 0
             ):
-                self._cond.wait(remaining)
+                self._companions.wait(remaining)
                 self._take_same_key(batch, limit)
             self._depth.set(len(self._queue))
             me = threading.get_ident()
