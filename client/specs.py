@@ -56,13 +56,20 @@ def dtype_from_name(name: Any) -> np.dtype:
 
 def dtype_name(dtype: np.dtype) -> str:
     """The protocol name of a numpy dtype (`InvalidInput` for object, string, ... dtypes)."""
+    known = _NAMES.get(dtype)  # per leaf of every request: numpy's `.name` is slow
+    if known is not None:
+        return known
     dtype = np.dtype(dtype)
     # `dtype == None` is True for float64 (numpy reads None as the default dtype), so without
     # ml_dtypes the comparison must not run at all.
     name = "bfloat16" if _BFLOAT16 is not None and dtype == _BFLOAT16 else dtype.name
     if name not in DTYPE_NAMES:
         raise InvalidInput(f"dtype {dtype} cannot cross the wire", code="invalid_dtype")
+    _NAMES[dtype] = name
     return name
+
+
+_NAMES: dict[np.dtype, str] = {}  # dtype -> wire name; bounded by the few wire dtypes
 
 
 def canonical_dtype(dtype: np.dtype, x64: bool) -> np.dtype:

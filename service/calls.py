@@ -77,6 +77,9 @@ def _aval_spec(args: Any, batched: bool) -> Any:
     return tree_map(leaf, args)
 
 
+_OPTIONS_OF = {op: [k for k in OP_OPTIONS if k in m.model_fields] for op, m in REQUESTS.items()}
+
+
 def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     """Validate and decode a request document for `op` on `model`."""
     if not isinstance(doc, Mapping):
@@ -107,7 +110,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
         )
 
     chain = [Transform.of(t.op, **t.options()) for t in request.transforms]
-    options = {k: getattr(request, k) for k in OP_OPTIONS if k in type(request).model_fields}
+    options = {k: getattr(request, k) for k in _OPTIONS_OF[op]}
     program = build_program(op, options, chain)
     if specs is not None and any(t.op == "vmap" for t in chain):
         # Mapped arguments carry extra axes: only the declared dtypes guide decoding.
