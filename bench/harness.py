@@ -9,9 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 
@@ -31,6 +33,9 @@ class ServerProcess:
     file, not a pipe: a pipe nobody drains blocks a chatty server once 64 KiB fill it.
     """
 
+    # Those not stopped yet: a failing test shows their logs (tests/conftest.py).
+    running: ClassVar[weakref.WeakSet[ServerProcess]] = weakref.WeakSet()
+
     def __init__(
         self,
         *flags: str,
@@ -48,6 +53,7 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+        ServerProcess.running.add(self)
 
     def output(self) -> str:
         self.log.seek(0)
@@ -75,6 +81,7 @@ class ServerProcess:
 
     def stop(self, grace: float = 20) -> int:
         """SIGTERM, then SIGKILL after `grace` seconds; the exit code."""
+        ServerProcess.running.discard(self)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

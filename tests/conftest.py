@@ -8,7 +8,20 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.harness import ServerProcess
 from helpers import ROOT, LiveServer
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing test shows the log tail of every server still running: a 500's traceback is
+    there, and CI prints nothing else of a server subprocess."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in list(ServerProcess.running):
+            report.sections.append((f"server log ({server.url})", server.output()[-3000:]))
+
 
 # Warm-up compiles every model's common ops before /readyz turns 200: seconds per app. Tests
 # build many apps, so it is off unless a test asks for it (tests/server/test_engine.py does).

@@ -248,7 +248,7 @@ def test_routing_spreads_over_two_cpu_devices(two_device_server):
             headers={"content-type": wire.NPZ},
             timeout=30,
         )
-        assert r.status_code == 200, f"{r.text}\nserver log:\n{two_device_server.output()[-4000:]}"
+        assert r.status_code == 200, r.text  # on failure, conftest prints the server's log
         assert_tree_equal(
             decode(r)["grad"],
             jax.grad(lambda v: jax.numpy.sum(jax.numpy.sin(v) ** 2))(x),
