@@ -124,10 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
-    auth.install(app, settings)  # inside RequestContext: refusals get request ids and metrics
+    keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
     app.add_middleware(RequestContext, metrics=metrics)
-    _document_request_bodies(app)
-    errors.document(app, auth.OPEN_PATHS)
+    _document(app, with_keys=bool(keyring))
     return app
 
 
@@ -142,20 +141,25 @@ async def _warm_up(state: State) -> None:
     gc.freeze()
 
 
-def _document_request_bodies(app: FastAPI) -> None:
-    """Op routes read raw bodies (JSON or npz); publish their JSON schemas for `/docs`."""
-    generate = app.openapi
+def _document(app: FastAPI, with_keys: bool) -> None:
+    """The OpenAPI schema: FastAPI's, plus what it cannot see, built once on first use.
+
+    Op routes read raw bodies (JSON or npz), so their request schemas are published here;
+    errors are problem+json; with keys, operations say they need one.
+    """
+    generate = app.openapi  # FastAPI's; it keeps its result in `app.openapi_schema`
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = generate()
-        _, defs = models_json_schema(
-            [(m, "validation") for m in REQUESTS.values()],
-            ref_template="#/components/schemas/{model}",
-        )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-        app.openapi_schema = schema
-        return schema
+        if app.openapi_schema is None:
+            schema = generate()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in REQUESTS.values()],
+                ref_template="#/components/schemas/{model}",
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            if with_keys:
+                auth.document(schema)
+            errors.document(schema, auth.OPEN_PATHS)
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -170,26 +170,23 @@ class Authenticate:
 
 
 def install(app: FastAPI, settings: Settings) -> KeyRing:
-    """Add the key check (when keys are configured) and say so in the OpenAPI schema."""
+    """Add the key check when keys are configured; the keys, empty when they are not."""
     keyring = KeyRing.from_settings(settings)
-    if not keyring:
-        return keyring
-    app.add_middleware(Authenticate, keyring=keyring)
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = generate()
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        if "bearer" not in schemes:
-            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
-            for path, operations in schema.get("paths", {}).items():
-                if required_scope(path) is not None:
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}]
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    if keyring:
+        app.add_middleware(Authenticate, keyring=keyring)
     return keyring
+
+
+def document(schema: dict[str, Any]) -> None:
+    """Mark in an OpenAPI schema each operation that needs a bearer key."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if required_scope(path) is not None:
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
 
 
 # ---------------------------------------------------------------------------- binding

@@ -84,27 +84,20 @@ def install(app: FastAPI) -> None:
         return problem_response(error, request_id_of(request))
 
 
-def document(app: FastAPI, open_paths: Collection[str]) -> None:
-    """Make the OpenAPI schema say what the server does: every error status is answered as
+def document(schema: dict[str, Any], open_paths: Collection[str]) -> None:
+    """Make an OpenAPI schema say what the server does: every error status is answered as
     application/problem+json, and 401/403 can come from any path that needs a key."""
-    generate = app.openapi
     problem = {"$ref": "#/components/schemas/Problem"}
-
-    def openapi() -> dict[str, Any]:
-        schema = generate()
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas.setdefault("Problem", Problem.model_json_schema())  # idempotent from here on
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
-                responses = operation.setdefault("responses", {})
-                if path not in open_paths:
-                    responses.setdefault("401", {"description": "No API key, or a wrong one"})
-                    responses.setdefault("403", {"description": "The key lacks the scope"})
-                for status, response in responses.items():
-                    if status.isdigit() and int(status) >= 400:
-                        response["content"] = {PROBLEM_JSON: {"schema": problem}}
-        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, never sent
-            schemas.pop(unused, None)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("Problem", Problem.model_json_schema())
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if path not in open_paths:
+                responses.setdefault("401", {"description": "No API key, or a wrong one"})
+                responses.setdefault("403", {"description": "The key lacks the scope"})
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = {PROBLEM_JSON: {"schema": problem}}
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, never sent
+        schemas.pop(unused, None)

@@ -74,6 +74,20 @@ def assert_tree_equal(
             np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
 
 
+def complex_draws(seed: int) -> tuple[np.ndarray, np.complex64, np.complex64]:
+    """In[30]/In[31]'s draws: `complex_linear`'s coefficients, a point z and a tangent."""
+    from jax import random
+
+    key = random.PRNGKey(seed)
+    key, subkey = random.split(key)
+    coeffs = np.asarray(random.uniform(subkey, (4,)))
+    key, subkey = random.split(key)
+    x, y = np.asarray(random.uniform(subkey, (2,)))
+    key, subkey = random.split(key)
+    dc, dd = np.asarray(random.uniform(subkey, (2,)))
+    return coeffs, np.complex64(x + y * 1j), np.complex64(dc + dd * 1j)
+
+
 def seed_draws() -> dict[str, np.ndarray]:
     """The seed notebook's random draws, in its order, with the PRNG it ran with.
 

@@ -74,11 +74,9 @@ def _to_host(x: Any) -> np.ndarray:
 def _fetch(out: Any) -> tuple[Any, str]:
     """Device results -> numpy (np.asarray per leaf: cheaper than jax.device_get when small),
     and the device that computed them, as reported by the result itself."""
-    on_device = [x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)][:1]
+    first = next((x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)), None)
     where = (
-        ",".join(sorted(f"{d.platform}:{d.id}" for d in on_device[0].devices()))
-        if on_device
-        else ""
+        "" if first is None else ",".join(sorted(f"{d.platform}:{d.id}" for d in first.devices()))
     )
     return jax.tree.map(_to_host, out), where
 
@@ -121,16 +119,15 @@ class DeviceWorkers:
         # Workers holding a batch wait here for companions: a request leaving "arriving"
         # wakes only them, not every idle worker (two needless thread switches per request).
         self._companions = threading.Condition(lock)
-        self._busy = 0
         self._closed = False
         self._arriving = arriving  # model name -> requests received, not yet queued
         self._unbatchable: set[tuple] = set()
         self._compiling: set[tuple] = set()
-        # Worker threads inside a computation that passed its deadline. Python cannot stop
+        self._active: set[int] = set()  # worker threads running a batch (their load)
+        # Those of `_active` inside a computation that passed its deadline. Python cannot stop
         # them, so each is replaced by a fresh thread (up to `max_overdue`) and leaves when
         # its computation ends: one hung model cannot take every worker of a device.
         self.max_overdue = max_overdue
-        self._active: set[int] = set()
         self._overdue: set[int] = set()
         self._compiler_thread = ThreadPoolExecutor(
             1, thread_name_prefix=f"gradserve-compile-{device}"
@@ -153,7 +150,7 @@ class DeviceWorkers:
 
     @property
     def load(self) -> int:
-        return len(self._queue) + self._busy
+        return len(self._queue) + len(self._active)
 
     def submit(self, item: Item) -> None:
         with self._cond:
@@ -223,7 +220,6 @@ class DeviceWorkers:
                 log.exception("worker of %s failed", self._name)
                 answers = [(item, None, bug) for item in batch]
             with self._cond:
-                self._busy -= 1
                 self._active.discard(me)
                 replaced = me in self._overdue
                 self._overdue.discard(me)
@@ -265,7 +261,6 @@ class DeviceWorkers:
             for item in batch:
                 item.runner = me
             self._active.add(me)
-            self._busy += 1
             return batch
 
     def _take_same_key(self, batch: list[Item], limit: int) -> None:

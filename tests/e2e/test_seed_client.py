@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import random
 
 from client import (
     Client,
@@ -29,7 +28,7 @@ from client import (
     vmap,
 )
 from client.jax import as_jax
-from helpers import seed_draws
+from helpers import complex_draws, seed_draws
 from service.models import cookbook as cb
 
 
@@ -205,20 +204,14 @@ def test_in27_vjp_of_piecewise(c: Client) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_in30_in31_complex_jvp_and_vjp(c: Client, seed: int) -> None:
-    key = random.PRNGKey(seed)
-    key, subkey = random.split(key)
-    coeffs = np.asarray(random.uniform(subkey, (4,)))
+    coeffs, z, z_dot = complex_draws(seed)
     a, b, cc, d = coeffs
-    key, subkey = random.split(key)
-    x, y = np.asarray(random.uniform(subkey, (2,)))
-    z = np.complex64(x + y * 1j)
-    key, subkey = random.split(key)
-    dc, dd = np.asarray(random.uniform(subkey, (2,)))
+    dc, dd = z_dot.real, z_dot.imag
     fun = c.model("complex_linear")
-    _, ans = jvp(fun, (coeffs, z), (np.zeros(4, np.float32), np.complex64(dc + dd * 1j)))
+    _, ans = jvp(fun, (coeffs, z), (np.zeros(4, np.float32), z_dot))
     expected = a * dc + b * dd + cc * dc * 1j + d * dd * 1j  # In[30]
     assert np.allclose(ans, expected)
     _, fun_vjp = vjp(fun, coeffs, z)
-    _, ans = fun_vjp(np.complex64(dc + dd * 1j))
+    _, ans = fun_vjp(z_dot)
     expected = a * dc + cc * (-dd) + b * dc * (-1j) + d * (-dd) * (-1j)  # In[31]
     assert np.allclose(ans, expected, atol=1e-5, rtol=1e-5)

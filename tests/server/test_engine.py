@@ -193,7 +193,9 @@ def test_a_refusal_is_remembered_not_traced_again(app_factory):
         r = client.post("/v1/models/vector_out/grad", json={"args": [[1.0, 2.0, 3.0]]})
         assert r.status_code == 422 and traces["vector_out"] > traced  # a new shape is traced
         r = client.post("/v1/models/vector_out/eval", json={"args": [[1.0, 2.0]]})
-        assert r.status_code == 200 and r.json()["value"]["data"] == [2.0, 4.0]
+        assert r.status_code == 200
+        x = np.array([1.0, 2.0], np.float32)
+        assert_tree_equal(decode(r)["value"], jax.jit(lambda x: 2 * x)(x))
 
 
 def test_healthz_answers_while_every_worker_is_busy(app_factory):

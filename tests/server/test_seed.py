@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import random
 
-from helpers import ENCODINGS, assert_tree_equal, post, seed_draws
+from helpers import ENCODINGS, assert_tree_equal, complex_draws, post, seed_draws
 from service.models import cookbook as cb
 
 
@@ -252,16 +251,9 @@ def test_in27_vjp_of_piecewise(app_client, enc):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_in30_in31_complex_jvp_vjp(app_client, enc, seed):
-    key = random.PRNGKey(seed)
-    key, subkey = random.split(key)
-    coeffs = np.asarray(random.uniform(subkey, (4,)))
+    coeffs, z, z_dot = complex_draws(seed)
     a, b, c, d = coeffs
-    key, subkey = random.split(key)
-    x, y = np.asarray(random.uniform(subkey, (2,)))
-    z = np.complex64(x + y * 1j)
-    key, subkey = random.split(key)
-    dc, dd = np.asarray(random.uniform(subkey, (2,)))
-    z_dot = np.complex64(dc + dd * 1j)
+    dc, dd = z_dot.real, z_dot.imag
     out = post(
         app_client,
         "complex_linear",
