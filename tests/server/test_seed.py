@@ -92,11 +92,17 @@ def test_in7_finite_differences(app_client, enc, seed_keys):
             "value"
         ]
 
+    def local_loss(W, b):  # the same program in local JAX: every evaluation bit-identical
+        return jax.jit(cb.logistic_loss)(np.asarray(W), np.asarray(b))
+
     b_numerical = (loss(W, b + eps / 2.0) - loss(W, b - eps / 2.0)) / eps
     np.testing.assert_allclose(b_numerical, -0.29325485, rtol=1e-4)
+    assert b_numerical == (local_loss(W, b + eps / 2.0) - local_loss(W, b - eps / 2.0)) / eps
     unitvec = vec / jnp.sqrt(jnp.vdot(vec, vec))
     W_numerical = (loss(W + eps / 2.0 * unitvec, b) - loss(W - eps / 2.0 * unitvec, b)) / eps
     np.testing.assert_allclose(W_numerical, -0.2002716, rtol=1e-4)
+    W_local = local_loss(W + eps / 2.0 * unitvec, b) - local_loss(W - eps / 2.0 * unitvec, b)
+    assert W_numerical == W_local / eps
     grad = post(app_client, "logistic_loss", "grad", enc, args=[W, b])["grad"]
     seed_close(jnp.vdot(grad, unitvec), -0.19909117)
 
