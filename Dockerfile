@@ -10,9 +10,11 @@
 # The server binds 0.0.0.0 here, so it refuses to start without API keys: pass
 # GRADSERVE_API_KEYS (or GRADSERVE_API_KEYS_FILE) at run time, never at build time.
 
-ARG PYTHON_VERSION=3.12
+# The lock (constraints.txt) was tested on CPython 3.11.
+ARG PYTHON_VERSION=3.11
 
 # ---- build: a virtual environment holding gradserve and its server dependencies -------------
+# Every package at the version CI tested (constraints.txt), the CUDA wheels of each variant too.
 FROM python:${PYTHON_VERSION}-slim AS build
 
 ARG VARIANT=cpu
@@ -25,12 +27,12 @@ ENV PATH=/opt/gradserve/bin:$PATH
 
 WORKDIR /src
 # Only what the wheel needs, so editing tests or docs does not invalidate this layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY client/ client/
 COPY service/ service/
 RUN extras=server; \
     if [ "$VARIANT" != cpu ]; then extras="server,$VARIANT"; fi; \
-    pip install --no-cache-dir "/src[$extras]"
+    pip install --no-cache-dir -c constraints.txt "/src[$extras]"
 
 # ---- runtime: the environment, a non-root user, nothing else --------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime
