@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, unquote_plus, urlencode
 
 import jax
 import jinja2
@@ -113,7 +113,9 @@ def html_errors(endpoint: Callable[..., Awaitable[Response]]) -> Callable[..., A
                 "error.html",
                 e.status,
                 error=e,
-                asked=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+                # Decoded, as a person typed it (the template escapes it).
+                asked=unquote(request.url.path)
+                + (f"?{unquote_plus(request.url.query)}" if request.url.query else ""),
                 request_id=request.scope.get("state", {}).get("request_id"),
             )
             page.headers.update({k: v for k, v in e.headers.items() if k.lower() == "retry-after"})
@@ -230,6 +232,8 @@ async def model_page(request: Request, name: str) -> Response:
     params = plots.PlotParams.from_query(request.query_params)
     raw, point = await _point(request, model, params)
     value, kinds, why = None, [], "this model declares no inputs: give a point as ?point=[...]"
+    if point is not None and point.n:
+        plots.check(point, params)
     if point is not None:
         value = (await _run(request, model, "eval", {"args": raw}))["value"]
         kinds, why = plots.applicable(point, value)
@@ -386,6 +390,13 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
         a = np.asarray(v, np.float64)
         out[k] = np.where(np.isfinite(a), a, None).tolist() if a.ndim else float(a)
     return out
+
+
+# Registered last, so that only paths no route above matches reach it.
+@router.get("/models/{rest:path}", response_class=HTMLResponse)
+@html_errors
+async def not_a_page(request: Request, rest: str) -> Response:
+    raise ModelNotFound(f"no page at /models/{rest}; the list of models is at /", code="not_found")
 
 
 # ---------------------------------------------------------------------------- offline docs

@@ -32,7 +32,7 @@ KINDS = ("direction", "contour", "jacobian", "hessian")
 SAMPLES = (3, 401)  # points along the direction
 GRID = (5, 101)  # contour grid, per side
 MAX_SPAN = 1e6
-MAX_POINT_BYTES = 64 * 1024  # the `point` query parameter, as JSON text
+MAX_POINT_BYTES = 16 * 1024  # `point` as JSON text (uvicorn refuses longer request lines)
 MAX_POINT_ELEMENTS = 4096
 MAX_BATCH_ELEMENTS = 2**20  # samples x input elements in the direction plot's one request
 MAX_HESSIAN = 256  # input elements for the Hessian heat map ("a few hundred")
@@ -276,6 +276,13 @@ def unit_direction(point: Point, given: tuple[float, ...] | None) -> np.ndarray:
     return v / norm
 
 
+def check(point: Point, params: PlotParams) -> np.ndarray:
+    """What depends on the point: the direction's length, the size of the batch. The unit v."""
+    if params.samples * point.n > MAX_BATCH_ELEMENTS:
+        raise _bad("samples", f"{params.samples} samples of {point.n} variables is too many")
+    return unit_direction(point, params.direction)
+
+
 # ---------------------------------------------------------------------------- plots
 
 
@@ -286,9 +293,7 @@ def _value_and_grad_chain(point: Point) -> list[dict[str, Any]]:
 async def direction(point: Point, params: PlotParams, run: Run) -> dict[str, Any]:
     """f(x + t v), d/dt and d2/dt2 at `samples` values of t: one request, the JVP of a vmapped
     value_and_grad (forward over reverse), so d/dt and Hv come from the server."""
-    v = unit_direction(point, params.direction)
-    if params.samples * point.n > MAX_BATCH_ELEMENTS:
-        raise _bad("samples", f"{params.samples} samples of {point.n} variables is too many")
+    v = check(point, params)
     ts = np.linspace(-params.span, params.span, params.samples)
     v_sent = point.as_sent(v)
     doc = {
