@@ -402,10 +402,21 @@ async def not_a_page(request: Request, rest: str) -> Response:
 # ---------------------------------------------------------------------------- offline docs
 
 
+# The docs pages may load nothing from elsewhere: with no network, a CDN request would only
+# fail (ReDoc's sidebar badge asks cdn.redoc.ly for its logo, and hides it when that fails).
+# FastAPI's pages start Swagger UI and ReDoc with inline scripts; ReDoc searches in a worker.
+_DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 @router.get("/docs")
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title="gradserve · API docs",
         swagger_js_url=f"{root}{STATIC}/docs/swagger-ui-bundle.js",
@@ -415,6 +426,8 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         # Swagger UI would send the schema to an online validator for its badge.
         swagger_ui_parameters={"validatorUrl": None},
     )
+    page.headers.update(_DOCS_HEADERS)
+    return page
 
 
 @router.get("/docs/oauth2-redirect")
@@ -425,10 +438,12 @@ async def swagger_ui_redirect() -> HTMLResponse:
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title="gradserve · API reference",
         redoc_js_url=f"{root}{STATIC}/docs/redoc.standalone.js",
         redoc_favicon_url=f"{root}{STATIC}/favicon.svg",
         with_google_fonts=False,
     )
+    page.headers.update(_DOCS_HEADERS)
+    return page

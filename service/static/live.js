@@ -9,7 +9,9 @@
     if (document.hidden || cells.length === 0) return;
     let text;
     try {
-      const response = await fetch("/live.json", { cache: "no-store", credentials: "same-origin" });
+      // From the origin: a page opened as http://user:key@host/ has a base URL that fetch refuses.
+      const url = new URL("/live.json", window.location.origin);
+      const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
       if (!response.ok) return;
       text = (await response.json()).text;
     } catch (_) {
