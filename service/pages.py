@@ -24,19 +24,15 @@ import jax
 import jinja2
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.openapi.docs import (
-    get_redoc_html,
-    get_swagger_ui_html,
-    get_swagger_ui_oauth2_redirect_html,
-)
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from client.errors import APIError, InvalidInput, ModelNotFound, ServerError
 from client.specs import ArraySpec, describe_array
-from service import drawing, live, plots
+from service import docs, drawing, live, plots
 from service.calls import prepare
+from service.plot_query import MAX_POINT_ELEMENTS, PlotParams
 from service.registry import Model
 from service.state import State
 from service.transforms import package
@@ -87,6 +83,7 @@ def install(app: FastAPI, with_keys: bool) -> None:
 
     app.state.pages = Pages(with_keys)
     app.include_router(router)
+    app.include_router(docs.router)
     # Swagger UI's and ReDoc's files as fastapi-offline ships them (mounted before /static).
     offline = Path(fastapi_offline.__file__).parent / "static"
     app.mount(f"{STATIC}/docs", StaticFiles(directory=offline), name="docs-assets")
@@ -199,7 +196,7 @@ async def _run(request: Request, model: Model, op: str, doc: dict[str, Any]) -> 
     return package(call.op, call.program, outcome.value)
 
 
-async def _point(request: Request, model: Model, params: plots.PlotParams) -> tuple[Any, Any]:
+async def _point(request: Request, model: Model, params: PlotParams) -> tuple[Any, Any]:
     """The point's JSON args and its decoded, checked `Point` (None, None: no point known)."""
     raw = params.point if params.point is not None else plots.default_point(model)
     if raw is None:
@@ -207,9 +204,9 @@ async def _point(request: Request, model: Model, params: plots.PlotParams) -> tu
     call = await run_in_threadpool(prepare, model, "eval", {"args": raw}, _state(request).settings)
     point = plots.Point(call.args)
     size = sum(x.size for x in jax.tree.leaves(call.args))
-    if size > plots.MAX_POINT_ELEMENTS:
+    if size > MAX_POINT_ELEMENTS:
         raise InvalidInput(
-            f"the point has {size} elements; the pages plot at most {plots.MAX_POINT_ELEMENTS}",
+            f"the point has {size} elements; the pages plot at most {MAX_POINT_ELEMENTS}",
             code="invalid_plot_parameter",
             loc=("query", "point"),
         )
@@ -229,7 +226,7 @@ def _model(request: Request, name: str, label: str) -> Model:
 async def model_page(request: Request, name: str) -> Response:
     model = _model(request, name, "page")
     state, pages = _state(request), _pages(request)
-    params = plots.PlotParams.from_query(request.query_params)
+    params = PlotParams.from_query(request.query_params)
     raw, point = await _point(request, model, params)
     value, kinds, why = None, [], "this model declares no inputs: give a point as ?point=[...]"
     if point is not None and point.n:
@@ -329,7 +326,7 @@ async def plot(request: Request, name: str, file: str) -> Response:
             code="not_found",
         )
     model = _model(request, name, "plot")
-    params = plots.PlotParams.from_query(request.query_params)
+    params = PlotParams.from_query(request.query_params)
     raw, point = await _point(request, model, params)
     if point is None:
         raise InvalidInput(f"'{name}' declares no inputs: give ?point=[...]", code="no_point")
@@ -397,53 +394,3 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 @html_errors
 async def not_a_page(request: Request, rest: str) -> Response:
     raise ModelNotFound(f"no page at /models/{rest}; the list of models is at /", code="not_found")
-
-
-# ---------------------------------------------------------------------------- offline docs
-
-
-# The docs pages may load nothing from elsewhere: with no network, a CDN request would only
-# fail (ReDoc's sidebar badge asks cdn.redoc.ly for its logo, and hides it when that fails).
-# FastAPI's pages start Swagger UI and ReDoc with inline scripts; ReDoc searches in a worker.
-_DOCS_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
-    "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-}
-
-
-@router.get("/docs")
-async def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
-    page = get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title="gradserve · API docs",
-        swagger_js_url=f"{root}{STATIC}/docs/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}{STATIC}/docs/swagger-ui.css",
-        swagger_favicon_url=f"{root}{STATIC}/favicon.svg",
-        oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
-        # Swagger UI would send the schema to an online validator for its badge.
-        swagger_ui_parameters={"validatorUrl": None},
-    )
-    page.headers.update(_DOCS_HEADERS)
-    return page
-
-
-@router.get("/docs/oauth2-redirect")
-async def swagger_ui_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
-
-
-@router.get("/redoc")
-async def redoc(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
-    page = get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title="gradserve · API reference",
-        redoc_js_url=f"{root}{STATIC}/docs/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{STATIC}/favicon.svg",
-        with_google_fonts=False,
-    )
-    page.headers.update(_DOCS_HEADERS)
-    return page

@@ -12,133 +12,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from client.errors import InvalidInput, PayloadTooLarge
+from client.errors import PayloadTooLarge
 from client.specs import ArraySpec
+from service.plot_query import PlotParams, bad, not_applicable
 from service.registry import Model
 
 KINDS = ("direction", "contour", "jacobian", "hessian")
-# Bounds on what a page may ask for; each out-of-range value is a 4xx naming it.
-SAMPLES = (3, 401)  # points along the direction
-GRID = (5, 101)  # contour grid, per side
-MAX_SPAN = 1e6
-MAX_POINT_BYTES = 16 * 1024  # `point` as JSON text (uvicorn refuses longer request lines)
-MAX_POINT_ELEMENTS = 4096
+# Bounds on what a plot may cost.
 MAX_BATCH_ELEMENTS = 2**20  # samples x input elements in the direction plot's one request
 MAX_HESSIAN = 256  # input elements for the Hessian heat map ("a few hundred")
 MAX_JACOBIAN = 2**18  # Jacobian entries to draw
 
 Run = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-def _bad(name: str, message: str, status: int = 422) -> InvalidInput:
-    return InvalidInput(
-        f"query parameter {name!r}: {message}",
-        code="invalid_plot_parameter",
-        status=status,
-        loc=("query", name),
-    )
-
-
-def _not_applicable(message: str) -> InvalidInput:
-    return InvalidInput(message, code="plot_not_applicable")
-
-
-@dataclass(frozen=True)
-class PlotParams:
-    """The plot parameters of a page's query string, validated and bounded."""
-
-    point: Any = None  # the args list, as JSON would give it; None: the model's example
-    direction: tuple[float, ...] | None = None
-    span: float = 1.0
-    samples: int = 101
-    grid: int = 41
-    box: tuple[float, float, float, float] | None = None
-
-    @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> PlotParams:
-        values: dict[str, Any] = {}
-        if "point" in query:
-            values["point"] = _json_param("point", query["point"])
-            if not isinstance(values["point"], list):
-                raise _bad("point", "must be a JSON list with one entry per model argument")
-        if "direction" in query:
-            direction = _json_param("direction", query["direction"])
-            values["direction"] = _numbers("direction", direction, None)
-        if "span" in query:
-            span = _number("span", query["span"])
-            if not 0 < span <= MAX_SPAN:
-                raise _bad("span", f"{span:g} is out of range (0, {MAX_SPAN:g}]")
-            values["span"] = span
-        for name, (low, high) in (("samples", SAMPLES), ("grid", GRID)):
-            if name in query:
-                text = query[name]
-                if not text.strip().isdigit():
-                    raise _bad(name, "must be a whole number", status=400)
-                if not low <= int(text) <= high:
-                    raise _bad(name, f"{int(text)} is out of range [{low}, {high}]")
-                values[name] = int(text)
-        if "box" in query:
-            box = _numbers("box", query["box"].split(","), 4)
-            if not (box[0] < box[1] and box[2] < box[3]):
-                raise _bad("box", "must be xmin,xmax,ymin,ymax with xmin < xmax and ymin < ymax")
-            values["box"] = box
-        return cls(**values)
-
-    def query(self) -> dict[str, str]:
-        """These parameters as a query string's fields (only those not at their defaults)."""
-        out: dict[str, str] = {}
-        if self.point is not None:
-            out["point"] = json.dumps(self.point, separators=(",", ":"))
-        if self.direction is not None:
-            out["direction"] = json.dumps(list(self.direction), separators=(",", ":"))
-        for name in ("span", "samples", "grid"):
-            if getattr(self, name) != getattr(PlotParams, name):
-                out[name] = f"{getattr(self, name):g}"
-        if self.box is not None:
-            out["box"] = ",".join(f"{v:g}" for v in self.box)
-        return out
-
-
-def _json_param(name: str, text: str) -> Any:
-    if len(text) > MAX_POINT_BYTES:
-        raise PayloadTooLarge(
-            f"query parameter {name!r} is {len(text)} characters; the limit is {MAX_POINT_BYTES}",
-            code="parameter_too_large",
-        )
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise _bad(name, f"is not valid JSON ({e.msg})", status=400) from None
-
-
-def _number(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _bad(name, "must be a number", status=400) from None
-    if not math.isfinite(number) or abs(number) > MAX_SPAN:
-        raise _bad(name, f"{number:g} is out of range [-{MAX_SPAN:g}, {MAX_SPAN:g}]")
-    return number
-
-
-def _numbers(name: str, values: Any, count: int | None) -> tuple[float, ...]:
-    if not isinstance(values, list) or (count is not None and len(values) != count):
-        want = f"{count} comma-separated numbers" if count else "a JSON list of numbers"
-        raise _bad(name, f"must be {want}", status=400)
-    if len(values) > MAX_POINT_ELEMENTS:
-        raise _bad(name, f"holds {len(values)} numbers; at most {MAX_POINT_ELEMENTS}")
-    return tuple(_number(name, v) for v in values)
 
 
 # ---------------------------------------------------------------------------- the point
@@ -267,19 +161,19 @@ def unit_direction(point: Point, given: tuple[float, ...] | None) -> np.ndarray:
     if given is None:
         v = np.random.default_rng(0).standard_normal(point.n)
     elif len(given) != point.n:
-        raise _bad("direction", f"has {len(given)} numbers; the point has {point.n} variables")
+        raise bad("direction", f"has {len(given)} numbers; the point has {point.n} variables")
     else:
         v = np.asarray(given, np.float64)
     norm = float(np.linalg.norm(v))
     if norm == 0:
-        raise _bad("direction", "must not be zero")
+        raise bad("direction", "must not be zero")
     return v / norm
 
 
 def check(point: Point, params: PlotParams) -> np.ndarray:
     """What depends on the point: the direction's length, the size of the batch. The unit v."""
     if params.samples * point.n > MAX_BATCH_ELEMENTS:
-        raise _bad("samples", f"{params.samples} samples of {point.n} variables is too many")
+        raise bad("samples", f"{params.samples} samples of {point.n} variables is too many")
     return unit_direction(point, params.direction)
 
 
@@ -323,7 +217,7 @@ async def direction(point: Point, params: PlotParams, run: Run) -> dict[str, Any
 async def contour(point: Point, params: PlotParams, run: Run) -> dict[str, Any]:
     """f and its gradient on a grid over a box around a 2-variable point: one vmapped request."""
     if point.n != 2:
-        raise _not_applicable(f"a contour map needs 2 input variables; this point has {point.n}")
+        raise not_applicable(f"a contour map needs 2 input variables; this point has {point.n}")
     x0, y0 = point.vector
     s = params.span
     box = params.box or (x0 - s, x0 + s, y0 - s, y0 + s)
@@ -361,7 +255,7 @@ async def jacobian(point: Point, params: PlotParams, run: Run) -> dict[str, Any]
 async def hessian(point: Point, params: PlotParams, run: Run) -> dict[str, Any]:
     """The Hessian at the point and its eigenvalues (of its symmetric part, on the host)."""
     if point.n > MAX_HESSIAN:
-        raise _not_applicable(
+        raise not_applicable(
             f"the Hessian is drawn for at most {MAX_HESSIAN} input variables; this point has "
             f"{point.n}"
         )
