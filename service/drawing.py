@@ -87,7 +87,7 @@ def contour(data: dict[str, Any], title: str, labels: tuple[str, str]) -> bytes:
     colorbar.ax.tick_params(labelsize=8, colors=MUTED)
     colorbar.set_label("f", color=INK)
     # Arrows show the gradient's direction only: magnitudes can span many orders.
-    step = max(1, len(x) // 14)
+    step = max(1, -(-len(x) // 12))  # about 12 arrows a side
     gx, gy = data["grad_x"][::step, ::step], data["grad_y"][::step, ::step]
     norm = np.hypot(gx, gy)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -128,6 +128,8 @@ def _heat(fig: Any, ax: Any, matrix: np.ndarray) -> None:
 
 def _input_ticks(ax: Any, names: list[tuple[str, int]], rows: bool = False) -> None:
     """Label each input argument's block of columns (and rows), with a rule between blocks."""
+    if sum(size for _, size in names) <= 12:  # few variables: name each one
+        names = [(n if size == 1 else f"{n}[{i}]", 1) for n, size in names for i in range(size)]
     starts = np.cumsum([0] + [size for _, size in names])
     centres = [a + (size - 1) / 2 for a, (_, size) in zip(starts, names, strict=False)]
     labels = [name for name, _ in names]
@@ -135,7 +137,7 @@ def _input_ticks(ax: Any, names: list[tuple[str, int]], rows: bool = False) -> N
         ax.set_xticks(centres, labels, fontsize=8.5)
         if rows:
             ax.set_yticks(centres, labels, fontsize=8.5)
-    for edge in starts[1:-1]:
+    for edge in starts[1:-1] if len(names) < 12 and max(s for _, s in names) > 1 else ():
         ax.axvline(edge - 0.5, color=INK, linewidth=0.8)
         if rows:
             ax.axhline(edge - 0.5, color=INK, linewidth=0.8)

@@ -268,7 +268,7 @@ def _value_text(value: Any) -> str | None:
     if not hasattr(value, "dtype"):
         return "a pytree of arrays"
     x = np.asarray(value)
-    shown = np.array2string(x, precision=6, threshold=12, separator=", ")
+    shown = np.array2string(x, precision=6, threshold=12, separator=", ", max_line_width=100)
     return f"{describe_array(x)} = {shown}"
 
 

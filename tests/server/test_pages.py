@@ -339,3 +339,15 @@ def test_plots_need_the_same_engine_path_as_the_api(app_factory):
         page = c.get("/models/tanh_sq_sum/plots/hessian.svg")
         assert page.status_code == 504 and "did not finish" in page.text
         assert c.get("/models/tanh_sq_sum").status_code == 504
+
+
+def test_every_model_page_renders_and_every_plot_it_shows_draws(pages):
+    names = re.findall(r'<h3 id="m-\d+"><a href="/models/([\w.-]+)">', pages.get("/").text)
+    assert len(names) >= 15
+    for name in names:
+        page = pages.get(f"/models/{name}")
+        assert page.status_code == 200, (name, page.text[-800:])
+        for src in re.findall(r'<img src="([^"]+)"', page.text):
+            svg = pages.get(unescape(src))
+            assert svg.status_code == 200, (name, src, svg.text[-800:])
+            assert svg.headers["content-type"] == "image/svg+xml"
