@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import auth, errors
+from service import auth, errors, pages
 from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
@@ -92,8 +92,11 @@ class RequestContext:
                 await errors.internal_error(request_id)(scope, receive, send_with_id)
         finally:
             model, op = scope.get("gradserve.labels", ("-", "other"))
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(model, op, str(status)).inc()
-            self.metrics.latency.labels(model, op).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(model, op).observe(elapsed)
+            if model != "-":  # the pages' live figures (service/live.py)
+                self.metrics.recent.record(model, status, elapsed, scope.get("gradserve.batch"))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -120,11 +123,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Remote derivatives of JAX models: grad, jacobians, hessians, jvp, vjp, hvp.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from service.pages, with their files served here
+        redoc_url=None,
     )
     errors.install(app)
     app.include_router(router)
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
     keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
+    pages.install(app, with_keys=bool(keyring))
     app.add_middleware(RequestContext, metrics=metrics)
     _document(app, with_keys=bool(keyring))
     return app

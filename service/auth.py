@@ -10,6 +10,8 @@ lines), so a leaked file gives no key away. Every key is hashed and compared wit
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -130,8 +132,10 @@ def read_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str]]]:
 
 def required_scope(path: str) -> str | None:
     """None: open to all. "": any valid key. Else the scope the path needs."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path.startswith("/static/"):  # stylesheet, script, docs assets
         return None
+    if path.startswith("/models/"):  # model pages compute (their point, their plots)
+        return "compute"
     if path == "/v1" or path.startswith("/v1/"):
         return "compute"
     if path == "/admin" or path.startswith("/admin/"):
@@ -151,7 +155,7 @@ class Authenticate:
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         try:
-            scopes = self.keyring.authenticate(header)
+            scopes = self.keyring.authenticate(basic_as_bearer(header))
             if need and need not in scopes:
                 raise Unauthorized(
                     f"this key lacks the {need!r} scope that {scope['path']} needs",
@@ -162,11 +166,38 @@ class Authenticate:
                     },
                 )
         except Unauthorized as e:
+            if e.status == 401 and is_page(scope["path"]):
+                e.headers = {"WWW-Authenticate": BASIC_CHALLENGE}  # the browser's own prompt
             request_id = scope.get("state", {}).get("request_id")
             await problem_response(e, request_id)(scope, receive, send)
             return
         scope.setdefault("state", {})["scopes"] = scopes
         await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------- pages (browsers)
+
+BASIC_CHALLENGE = 'Basic realm="gradserve", charset="UTF-8"'
+
+
+def is_page(path: str) -> bool:
+    """The HTML pages (service/pages.py): a browser asks for a key with its Basic prompt."""
+    return path in ("/", "/live.json") or path.startswith("/models/")
+
+
+def basic_as_bearer(header: str) -> str:
+    """`Basic base64(user:key)` -> `Bearer key`: a browser's prompt sends the key as the
+    password (any user name). Other headers pass unchanged, and so do Basic credentials
+    without a password, which then fail as before."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return header
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return header
+    _, colon, key = decoded.partition(":")
+    return f"Bearer {key}" if colon and key else header
 
 
 def install(app: FastAPI, settings: Settings) -> KeyRing:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.live import RecentRequests
+
 _LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -111,6 +113,8 @@ class Metrics:
         }
         self.bytes_in, self.bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
         self.cache_hit, self.cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
+        # The last minute per model, for the pages' live figures (service/live.py).
+        self.recent = RecentRequests()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,6 +44,7 @@ class ModelDef:
     replicas: int = 1  # devices of the preferred platform to place it on; 0: all of them
     max_batch_size: int | None = None  # overrides the server's; 1 turns batching off
     version: str = "1"
+    example: Any = None  # args at which the model pages plot it (service/pages.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):

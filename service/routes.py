@@ -90,6 +90,7 @@ async def compute(request: Request, name: str, op: str) -> Response:
         decoded = time.perf_counter()
         result = state.engine.submit(call)
     outcome = await result
+    request.scope["gradserve.batch"] = outcome.batch_size  # the pages' live figures
     fields = package(call.op, call.program, outcome.value)
     encode_start = time.perf_counter()
     big = answer_media == wire.NPZ or _result_bytes(outcome.value) >= _INLINE_BYTES

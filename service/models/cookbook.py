@@ -37,7 +37,12 @@ def _nll(preds: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.log(label_probs))
 
 
-@model("tanh", inputs=[F32_ANY], description="jnp.tanh(x), elementwise (seed In[2])")
+@model(
+    "tanh",
+    inputs=[F32_ANY],
+    example=[[-2.0, -1.0, -0.25, 0.5, 1.5]],
+    description="jnp.tanh(x), elementwise (seed In[2])",
+)
 def tanh(x: jax.Array) -> jax.Array:
     return jnp.tanh(x)
 
@@ -46,6 +51,7 @@ def tanh(x: jax.Array) -> jax.Array:
     "logistic_loss",
     inputs=[((3,), "float32"), ((), "float32")],
     output=((), "float32"),
+    example=[[0.5, -0.4, 0.8], 0.1],
     description="Negative log-likelihood of the seed's toy logistic regression (In[3])",
 )
 def logistic_loss(W: jax.Array, b: jax.Array) -> jax.Array:
@@ -56,6 +62,7 @@ def logistic_loss(W: jax.Array, b: jax.Array) -> jax.Array:
     "logistic_predict",
     inputs=[((3,), "float32"), ((), "float32")],
     output=((4,), "float32"),
+    example=[[0.5, -0.4, 0.8], 0.1],
     description="predict(W, b, inputs) over the seed's four examples (In[3])",
 )
 def logistic_predict(W: jax.Array, b: jax.Array) -> jax.Array:
@@ -66,6 +73,7 @@ def logistic_predict(W: jax.Array, b: jax.Array) -> jax.Array:
     "logistic_loss_dict",
     inputs=[{"W": ((3,), "float32"), "b": ((), "float32")}],
     output=((), "float32"),
+    example=[{"W": [0.5, -0.4, 0.8], "b": 0.1}],
     description="loss2(params) with params a dict {'W', 'b'} (In[5])",
 )
 def logistic_loss_dict(params: dict[str, jax.Array]) -> jax.Array:
@@ -73,7 +81,11 @@ def logistic_loss_dict(params: dict[str, jax.Array]) -> jax.Array:
 
 
 @model(
-    "tanh_sq_sum", inputs=[F32_ANY], output=((), "float32"), description="sum(tanh(X)**2) (In[19])"
+    "tanh_sq_sum",
+    inputs=[F32_ANY],
+    output=((), "float32"),
+    example=[[[0.5, -1.0, 0.25], [2.0, 0.0, -0.75]]],
+    description="sum(tanh(X)**2) (In[19])",
 )
 def tanh_sq_sum(X: jax.Array) -> jax.Array:
     return jnp.sum(jnp.tanh(X) ** 2)
@@ -160,6 +172,7 @@ def mlp_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
     "piecewise",
     inputs=[((), "float32")],
     output=((), "float32"),
+    example=[2.5],
     description="2x**3 below 3, pi*x from 3 on: the seed's try/except function (In[27]) "
     "written with jnp.where, since Python control flow on traced values cannot be jit-compiled",
 )
