@@ -69,11 +69,19 @@ class Transform:
         return {"op": self.op, **{k: _thaw(v) for k, v in self.options}}
 
 
+class _FrozenDict(tuple):
+    """A dict option (a vmap axis per key), hashable so chains can key caches and JAX params."""
+
+
 def _freeze(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return _FrozenDict(sorted((k, _freeze(x)) for k, x in v.items()))
     return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def _thaw(v: Any) -> Any:
+    if isinstance(v, _FrozenDict):
+        return {k: _thaw(x) for k, x in v}
     return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
