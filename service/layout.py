@@ -96,7 +96,14 @@ def primal_count(t: Transform, nargs: int, where: str) -> int:
             code="invalid_transform",
             loc=("args",),
         )
-    for k in product_argnums(t, n):
+    nums = product_argnums(t, n)
+    if len(set(nums)) != len(nums):
+        raise InvalidInput(
+            f"{t.op} of {where}: argnums {list(nums)} names a primal twice",
+            code="invalid_transform",
+            loc=("transforms",),
+        )
+    for k in nums:
         if not 0 <= k < n:
             raise InvalidInput(
                 f"{t.op} of {where}: argnums {k} is out of range; it has {n} primal(s)",

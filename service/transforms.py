@@ -22,7 +22,8 @@ import numpy as np
 
 from client.errors import APIError, InvalidInput
 from client.specs import describe_array
-from service.layout import Aval, conform, freeze, primal_count, product_argnums, thaw
+from service.layout import Aval, conform, freeze, thaw
+from service.products import partial, product
 
 FUNCTION_TRANSFORMS = (
     "grad",
@@ -209,7 +210,7 @@ def apply_transform(f: Callable, t: Transform, where: str) -> Callable:
     inner = (
         _vmap(f, t)
         if t.op == "vmap"
-        else _product(f, t, where)
+        else product(f, t, where)
         if t.op in ("jvp", "vjp")
         else _derivative(f, t, where)
     )
@@ -253,76 +254,6 @@ def _derivative(f: Callable, t: Transform, where: str) -> Callable:
         return getattr(jax, op)(f, **options)(*args)
 
     return transformed
-
-
-def _partial(f: Callable, primals: tuple, nums: Sequence[int]) -> Callable:
-    """`f` as a function of the primals `nums` names only, the others held at their values."""
-
-    def part(*chosen: Any) -> Any:
-        full = list(primals)
-        for k, x in zip(nums, chosen, strict=True):
-            full[k] = x
-        return f(*full)
-
-    return part
-
-
-def _product(f: Callable, t: Transform, where: str) -> Callable:
-    """A chain `jvp` (n primals, then a tangent per differentiated primal -> [out, tangent])
-    or `vjp` (n primals, then one cotangent -> [out, cotangents]); `value=False` drops out."""
-    label = f"{t.op} of {where}"
-
-    def transformed(*args: Any) -> Any:
-        n = primal_count(t, len(args), where)
-        nums = product_argnums(t, n)
-        primals, rest = args[:n], args[n:]
-        chosen = tuple(primals[k] for k in nums)
-        part = _partial(f, primals, nums)
-        if t.op == "jvp":
-            tangents = tuple(
-                _like(x, v, label, f"tangent {k}", ("args", n + i))
-                for i, (k, x, v) in enumerate(zip(nums, chosen, rest, strict=True))
-            )
-            out, product = jax.jvp(part, chosen, tangents)
-        else:
-            out, pullback = jax.vjp(part, *chosen)
-            product = pullback(_like(out, rest[0], label, "cotangent", ("args", n)))
-            product = product[0] if isinstance(t.argnums, int) else list(product)
-        return (out, product) if t.value else product
-
-    return transformed
-
-
-def _like(primal: Any, given: Any, label: str, what: str, loc: tuple) -> Any:
-    """A tangent or cotangent for `primal`: its tree and shapes, its dtype (float or complex
-    widths may differ: cast), float0 zeros for integer leaves (JAX's, which no client can send).
-    """
-    want, treedef = jax.tree.flatten(primal)
-    got = jax.tree.leaves(given)
-    if len(got) != len(want):
-        raise InvalidInput(
-            f"{label}: {what} expects a tree of {len(want)} array(s) like "
-            f"{[describe_array(Aval.of(x)) for x in want]}, got {len(got)}",
-            code="tree_mismatch",
-            loc=loc,
-        )
-    out = []
-    for x, v in zip(want, got, strict=True):
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            out.append(np.zeros(x.shape, jax.dtypes.float0))
-            continue
-        same_kind = jnp.issubdtype(v.dtype, jnp.complexfloating) == jnp.issubdtype(
-            x.dtype, jnp.complexfloating
-        ) and jnp.issubdtype(v.dtype, jnp.inexact)
-        if tuple(v.shape) != tuple(x.shape) or not same_kind:
-            raise InvalidInput(
-                f"{label}: {what} expects {describe_array(Aval.of(x))}, "
-                f"got {describe_array(Aval.of(v))}",
-                code="shape_mismatch" if same_kind else "dtype_mismatch",
-                loc=loc,
-            )
-        out.append(v.astype(x.dtype) if v.dtype != x.dtype else v)
-    return jax.tree.unflatten(treedef, out)
 
 
 def compose(f: Callable, transforms: Sequence[Transform], model: str) -> Callable:
@@ -369,7 +300,7 @@ def _hvp_of(f: Callable, args: tuple, extra: tuple, program: Program, label: str
     t = Transform("hvp", argnums=tuple(range(len(args))) if nums is None else nums)
     chosen_nums = _argnums(t, len(args), label)
     _check_inputs(t, args, label)
-    part = _partial(f, args, chosen_nums)
+    part = partial(f, args, chosen_nums)
     chosen = tuple(args[k] for k in chosen_nums)
     _check_scalar(t, part, chosen, label)
     tangents = tuple(extra[k] for k in chosen_nums)
