@@ -224,6 +224,32 @@ def test_hvp_modes(h: Harness) -> None:
     assert len(h.requests) - before == 3
 
 
+def test_chain_products_keep_jax_structure(h: Harness) -> None:
+    """jvp/vjp steps inside a client chain (what client.jax builds): one request, JAX's tuples."""
+    from client._core import Transform
+
+    f = h.model("logistic_predict")
+    v, u = RNG.standard_normal(3).astype(np.float32), RNG.standard_normal(4).astype(np.float32)
+    y, pullback = jax.vjp(cb.logistic_predict, W, b)
+    vjp_chain = f.then(Transform.of("vjp", argnums=(0, 1)))
+    got, n = h.counted(lambda: vjp_chain(W, b, u))
+    assert n == 1 and isinstance(got, tuple) and isinstance(got[1], tuple)
+    assert_tree_close(got, (y, pullback(u)))
+    jvp_chain = f.then(Transform.of("jvp", argnums=0, value=False))
+    assert_tree_close(
+        h(jvp_chain(W, b, v)), jax.jvp(lambda W: cb.logistic_predict(W, b), (W,), (v,))[1]
+    )
+    # ApplyHessian's chain: the jvp (in W) of the pullback of u
+    hess = f.then(Transform.of("vjp", argnums=0, value=False)).then(
+        Transform.of("jvp", argnums=0, value=False)
+    )
+    H = jax.hessian(cb.logistic_predict)(W, b)
+    assert_tree_close(h(hess(W, b, u, v)), jnp.einsum("i,ijk,k->j", u, H, v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(errors.InvalidInput, match=r"jvp of 'logistic_predict'") as e:
+        h(f.then(Transform.of("jvp"))(W, b, v))
+    assert e.value.code == "invalid_transform"
+
+
 def test_vmap(h: Harness) -> None:
     xs = np.linspace(-2, 2, 7, dtype=np.float32)
     tanh = h.model("tanh")
