@@ -28,6 +28,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client/ client/
 COPY service/ service/
+COPY gradserve/ gradserve/
 RUN extras=server; \
     if [ "$VARIANT" != cpu ]; then extras="server,$VARIANT"; fi; \
     pip install --no-cache-dir "/src[$extras]"
