@@ -30,6 +30,7 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY client/ client/
 COPY service/ service/
+COPY gradserve/ gradserve/
 RUN extras=server; \
     if [ "$VARIANT" != cpu ]; then extras="server,$VARIANT"; fi; \
     pip install --no-cache-dir -c constraints.txt "/src[$extras]"

@@ -5,13 +5,30 @@
 >>> grad(grad(grad(c.model("tanh"))))(2.0)  # one request
 array(0.25265405, dtype=float32)
 
-`client.jax.as_jax` (needs the `jax` extra) puts a remote model inside local JAX programs.
+Every exception class is importable from here (``from client import InvalidInput``), as httpx
+exports its own; `client.errors` holds the tree. `client.jax.as_jax` (needs the `jax` extra)
+puts a remote model inside local JAX programs.
 """
 
 from client import errors
 from client._client import AsyncClient, Client
 from client._core import ModelInfo
 from client._remote import Pullback, Pushforward, RemoteFunction
+from client.errors import (
+    APIError,
+    ConnectError,
+    DeadlineExceeded,
+    GradserveError,
+    InvalidInput,
+    ModelNotFound,
+    NotAcceptable,
+    PayloadTooLarge,
+    ServerBusy,
+    ServerError,
+    Timeout,
+    TransportError,
+    Unauthorized,
+)
 from client.transforms import (
     grad,
     hessian,
@@ -27,12 +44,25 @@ from client.transforms import (
 )
 
 __all__ = [
+    "APIError",
     "AsyncClient",
     "Client",
+    "ConnectError",
+    "DeadlineExceeded",
+    "GradserveError",
+    "InvalidInput",
     "ModelInfo",
+    "ModelNotFound",
+    "NotAcceptable",
+    "PayloadTooLarge",
     "Pullback",
     "Pushforward",
     "RemoteFunction",
+    "ServerBusy",
+    "ServerError",
+    "Timeout",
+    "TransportError",
+    "Unauthorized",
     "errors",
     "grad",
     "hessian",

@@ -1,17 +1,26 @@
-"""Remote models inside local JAX programs (needs the ``jax`` extra).
+"""Remote models inside local JAX programs, differentiable to any order (needs the ``jax`` extra).
 
-`as_jax(m)` wraps a remote function as a JAX primitive, so local `jax.jit`, `jax.grad`,
-`jax.vjp`, `jax.jvp`, `jax.jacfwd`, `jax.jacrev` and `jax.vmap` work through it:
+`as_jax(m)` wraps a remote function as one JAX primitive, ``gradserve_remote``, whose params
+carry a *remote chain*: the transforms (PROTOCOL.md's `call` chain, v1.1 `jvp`/`vjp` included)
+that the server applies to the model. Every rule JAX asks of the primitive answers with the same
+primitive and a longer chain, so every derivative of a remote model is again a remote model:
 
-* abstract evaluation comes from the model's output spec (no request at trace time when the spec
-  declares every shape and dtype; otherwise one probe per input signature, cached);
-* its JVP rule asks the server for a `jvp`, whose transpose asks for a `vjp`, so reverse mode
-  costs one remote pullback;
-* its batching rules send one request per `vmap`: a batched `jvp`/`vjp`, or a `vmap` transform
-  of the remote function when the primals themselves are batched.
+* JVP: the value is the primitive itself; the tangent is the chain plus
+  ``{"op": "jvp", "argnums": <arguments with nonzero tangents>, "value": false}``, a primitive
+  linear in its tangents. Its JVP is the same rule again (jvp of jvp), to any order.
+* transpose (reverse mode): a chain ending in such a ``jvp`` becomes the chain plus ``vjp``
+  instead (and a ``vjp`` ending becomes ``jvp``); any other linear use, the chain plus a ``vjp``
+  in the linear arguments. So ``jax.grad`` costs one remote pullback, ``jax.grad(jax.grad)``
+  one chain ``[vjp, vjp]``.
+* batching: the chain plus ``{"op": "vmap", "in_axes": <each leaf's batch axis or null>}``, so
+  ``jax.vmap`` of anything (``vmap(vmap(f))``, ``vmap(grad(f))``, ``jacfwd``'s basis) is one
+  request, never a loop over the batch.
+* abstract evaluation: shapes from the model's output spec (one probe request per input
+  signature where the spec leaves them open); every derived primitive's shapes follow locally,
+  so tracing a derivative sends nothing.
 
-Differentiating the remote part twice locally is refused: ask the server for second order
-(`client.hessian`, `client.hvp`, `client.grad(client.grad(m))`).
+Under ``jax.jit`` each primitive is a host callback that XLA drops when its result is unused,
+so ``jax.jit(jax.grad(f))`` sends only the pullback.
 """
 
 from __future__ import annotations
@@ -26,181 +35,224 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from client._client import Client
-from client._remote import Pullback, Pushforward, RemoteFunction
+from client._core import Transform
+from client._remote import RemoteFunction
 from client.specs import ArraySpec
-from client.transforms import vmap as remote_vmap
 
 __all__ = ["as_jax"]
 
 Avals = tuple[tuple[tuple[int, ...], np.dtype], ...]
 
-# One primitive per kind of request. Their params are the same for all three:
-#   fn        the RemoteFunction;   in_tree / out_tree  its argument / output structure
-#   in_avals  its argument leaves;  out_avals           its output leaves
-#   batch     None, or B when the linear inputs (tangents, cotangent) carry a leading batch axis
-# call(*primals) -> outputs;  jvp(*primals, *tangents) -> output tangents;
-# vjp(*primals, *cotangents) -> argument cotangents.  jvp and vjp are linear in their tails.
-remote_call_p = Primitive("gradserve_call")
-remote_jvp_p = Primitive("gradserve_jvp")
-remote_vjp_p = Primitive("gradserve_vjp")
-_KINDS = {"call": remote_call_p, "jvp": remote_jvp_p, "vjp": remote_vjp_p}
-
-
-def _shaped(avals: Avals) -> list[Any]:
-    return [jax.core.ShapedArray(shape, dtype) for shape, dtype in avals]
-
-
-def _avals_of(xs: Sequence[Any]) -> Avals:
-    return tuple((tuple(x.shape), np.dtype(x.dtype)) for x in xs)
-
-
-def _with_batch(avals: Avals, size: int | None) -> Avals:
-    return avals if size is None else tuple(((size, *s), d) for s, d in avals)
-
-
-def _result_avals(kind: str, params: dict[str, Any]) -> Avals:
-    avals = params["in_avals"] if kind == "vjp" else params["out_avals"]
-    return avals if kind == "call" else _with_batch(avals, params["batch"])
+# Params of every bind:
+#   fn         the RemoteFunction (a model and the chain the user built, e.g. grad(m))
+#   chain      transforms added by JAX's rules, applied on the server after fn's own
+#   in_tree    the structure of the chained function's positional arguments (a tuple)
+#   out_tree   the structure of its output;  out_avals  its output leaves' shapes and dtypes
+remote_p = Primitive("gradserve_remote")
+remote_p.multiple_results = True
 
 
 def _inexact(dtype: Any) -> bool:
-    return np.dtype(dtype).kind in "fc"
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _aval(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    aval = x.aval if ad.is_undefined_primal(x) else jax.typeof(x)
+    return tuple(aval.shape), np.dtype(aval.dtype)
+
+
+def _bind(flat: Sequence[Any], args: tuple, fn: RemoteFunction, chain: tuple, out: Any) -> Any:
+    """Bind the primitive on `args` (positional pytrees whose leaves are `flat`), the chained
+    function returning the tree `out` of `(shape, dtype)` leaves."""
+    out_leaves, out_tree = jax.tree.flatten(out, is_leaf=_is_aval)
+    return remote_p.bind(
+        *flat,
+        fn=fn,
+        chain=chain,
+        in_tree=jax.tree.structure(args),
+        out_tree=out_tree,
+        out_avals=tuple(out_leaves),
+    )
+
+
+def _is_aval(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype)
 
 
 # ---------------------------------------------------------------------------- host side
 
 
-def _host(kind: str, params: dict[str, Any]) -> Callable[..., list[np.ndarray]]:
-    """The blocking request a primitive makes: flat numpy in, flat numpy out."""
-    fn, in_tree, out_tree = params["fn"], params["in_tree"], params["out_tree"]
-    n, batch = in_tree.num_leaves, params["batch"]
-    result_avals = _result_avals(kind, params)
+def _host(fn: RemoteFunction, chain: tuple, in_tree: Any, out_avals: Avals) -> Callable:
+    """The blocking request the primitive makes: flat numpy in, flat numpy out."""
+    client, full = fn._client, (*fn.chain, *chain)
 
     def call(*flat: Any) -> list[np.ndarray]:
-        flat = [np.asarray(x) for x in flat]
-        args = tuple(jax.tree.unflatten(in_tree, flat[:n]))
-        if kind == "call":
-            out = fn(*args)
-        elif kind == "jvp":
-            tangents = jax.tree.unflatten(in_tree, flat[n:])
-            out = Pushforward(fn, args, None if batch is None else 0)(*tangents)
-        else:
-            cotangent = jax.tree.unflatten(out_tree, flat[n:])
-            out = Pullback(fn, args, None if batch is None else 0)(cotangent)
-        leaves = jax.tree.leaves(out)
-        return [np.asarray(x, d) for x, (_, d) in zip(leaves, result_avals, strict=True)]
+        args = jax.tree.unflatten(in_tree, [np.asarray(x) for x in flat])
+        core = client._core
+
+        def flow() -> Any:
+            info = yield from core.info(fn.model)
+            prepared = core.prepare_args(info, full, args)
+            op = "call" if full else "eval"
+            fields = {"transforms": [t.to_json() for t in full]} if full else {}
+            guess = core._guess_out(op, prepared)
+            answer = yield from core.post(fn.model, op, prepared, None, fields, guess)
+            return answer["value"]
+
+        leaves = jax.tree.leaves(client._run(flow()))
+        if len(leaves) != len(out_avals):
+            raise ValueError(
+                f"remote {fn!r} under {[t.op for t in chain]} returned {len(leaves)} arrays, "
+                f"expected {len(out_avals)}"
+            )
+        return [
+            np.asarray(x).astype(d, copy=False) for x, (_, d) in zip(leaves, out_avals, strict=True)
+        ]
 
     return call
+
+
+def _impl(*flat: Any, fn: Any, chain: tuple, in_tree: Any, out_tree: Any, out_avals: Avals) -> list:
+    return [jnp.asarray(x) for x in _host(fn, chain, in_tree, out_avals)(*flat)]
+
+
+def _abstract(*flat: Any, out_avals: Avals, **params: Any) -> list:
+    return [jax.core.ShapedArray(shape, dtype) for shape, dtype in out_avals]
+
+
+def _lowered(*flat: Any, fn: Any, chain: tuple, in_tree: Any, out_tree: Any, out_avals: Avals):
+    shapes = [jax.ShapeDtypeStruct(s, d) for s, d in out_avals]
+    return jax.pure_callback(_host(fn, chain, in_tree, out_avals), shapes, *flat)
+
+
+remote_p.def_impl(_impl)
+remote_p.def_abstract_eval(_abstract)
+mlir.register_lowering(remote_p, mlir.lower_fun(_lowered, multiple_results=True))
 
 
 # ---------------------------------------------------------------------------- rules
 
 
-def _register(kind: str) -> None:
-    p = _KINDS[kind]
-    p.multiple_results = True
-
-    def impl(*flat: Any, **params: Any) -> list:
-        return [jnp.asarray(x) for x in _host(kind, params)(*flat)]
-
-    def abstract(*flat: Any, **params: Any) -> list:
-        return _shaped(_result_avals(kind, params))
-
-    def lowered(*flat: Any, **params: Any) -> list:
-        shapes = [jax.ShapeDtypeStruct(s, d) for s, d in _result_avals(kind, params)]
-        return jax.pure_callback(_host(kind, params), shapes, *flat)
-
-    p.def_impl(impl)
-    p.def_abstract_eval(abstract)
-    mlir.register_lowering(p, mlir.lower_fun(lowered, multiple_results=True))
-    batching.primitive_batchers[p] = _batcher(kind)
-
-
-def _tangent(primal: Any, t: Any) -> Any:
-    # Integer primals have float0 tangents, which cannot cross the wire: send float32 zeros.
-    if not _inexact(primal.dtype):
-        return jnp.zeros(primal.shape, jnp.float32)
-    return ad.instantiate_zeros(t)
-
-
-def _call_jvp(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tuple:
-    out = remote_call_p.bind(*primals, **params)
-    dots = [_tangent(p, t) for p, t in zip(primals, tangents, strict=True)]
-    return out, remote_jvp_p.bind(*primals, *dots, **params)
-
-
-def _linear_jvp(p: Primitive, name: str) -> Callable:
-    def rule(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tuple:
-        n = params["in_tree"].num_leaves
-        if all(type(t) is ad.Zero for t in tangents[:n]):  # only the vector moves: still linear
-            dots = [ad.instantiate_zeros(t) for t in tangents[n:]]
-            return p.bind(*primals, **params), p.bind(*primals[:n], *dots, **params)
-        raise NotImplementedError(
-            f"second-order local differentiation of remote {params['fn']!r} is not supported: "
-            f"its {name} is computed on the server and has no local derivative. Ask the server "
-            "for second order instead: client.hessian(m), client.hvp(m, primals, tangents) or "
-            "client.grad(client.grad(m)), one request each."
-        )
-
-    return rule
+def _jvp(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tuple:
+    """Value: the primitive. Tangent: the chain plus a jvp in the arguments that move."""
+    out = remote_p.bind(*primals, **params)
+    in_tree, out_avals = params["in_tree"], params["out_avals"]
+    args = jax.tree.unflatten(in_tree, list(primals))
+    moving = jax.tree.unflatten(
+        in_tree,
+        [
+            type(t) is not ad.Zero and _inexact(p.dtype)
+            for p, t in zip(primals, tangents, strict=True)
+        ],
+    )
+    active = [i for i, m in enumerate(moving) if any(jax.tree.leaves(m))]
+    zeros = [ad.Zero(jax.core.ShapedArray(s, _tangent_dtype(d))) for s, d in out_avals]
+    if not active:
+        return out, zeros
+    dots = jax.tree.unflatten(
+        in_tree,
+        [
+            ad.instantiate_zeros(t) if _inexact(p.dtype) else jnp.zeros(p.shape, p.dtype)
+            for p, t in zip(primals, tangents, strict=True)
+        ],
+    )
+    new_args = (*args, *(dots[i] for i in active))
+    step = Transform.of("jvp", argnums=tuple(active), value=False)
+    out_shapes = jax.tree.unflatten(params["out_tree"], list(out_avals))
+    flat = jax.tree.leaves(new_args)
+    tangent = _bind(flat, new_args, params["fn"], (*params["chain"], step), out_shapes)
+    # Integer outputs have no tangent: JAX's float0 zeros, symbolically.
+    return out, [
+        t if _inexact(d) else z for t, z, (_, d) in zip(tangent, zeros, out_avals, strict=True)
+    ]
 
 
-def _transpose(other: Primitive) -> Callable:
-    def rule(cts: Sequence[Any], *flat: Any, **params: Any) -> list:
-        n = params["in_tree"].num_leaves
-        outs = other.bind(*flat[:n], *[ad.instantiate_zeros(c) for c in cts], **params)
-        return [None] * n + [
-            o if ad.is_undefined_primal(x) and _inexact(x.aval.dtype) else None
-            for o, x in zip(outs, flat[n:], strict=True)
-        ]
-
-    return rule
+def _tangent_dtype(dtype: np.dtype) -> Any:
+    return dtype if _inexact(dtype) else jax.dtypes.float0
 
 
-def _batcher(kind: str) -> Callable:
-    """One request per vmap: a batched jvp/vjp when only the linear inputs are batched, else the
-    remote function under a remote `vmap` with every argument batched."""
-    p = _KINDS[kind]
-
-    def rule(args: Sequence[Any], dims: Sequence[Any], **params: Any) -> tuple:
-        n = params["in_tree"].num_leaves
-        size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
-        args = [
-            jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
-            for x, d in zip(args, dims, strict=True)
-        ]
-        if params["batch"] is not None:
-            raise NotImplementedError(f"vmap of vmap through remote {params['fn']!r}")
-        if kind != "call" and all(d is None for d in dims[:n]):
-            primals = [jnp.take(x, 0, axis=0) for x in args[:n]]  # undo the broadcast above
-            outs = p.bind(*primals, *args[n:], **{**params, "batch": size})
+def _transpose(cts: Sequence[Any], *flat: Any, **params: Any) -> list:
+    """Reverse mode: the pullback of the linear arguments, one request."""
+    fn, chain, in_tree = (params[k] for k in ("fn", "chain", "in_tree"))
+    if all(type(c) is ad.Zero for c in cts):
+        return [None] * len(flat)
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    ct_tree = jax.tree.unflatten(params["out_tree"], cts)
+    args = jax.tree.unflatten(in_tree, list(flat))
+    undefined = jax.tree.unflatten(in_tree, [bool(ad.is_undefined_primal(x)) for x in flat])
+    linear = [i for i, u in enumerate(undefined) if any(jax.tree.leaves(u))]
+    last = chain[-1] if chain else None
+    n = len(args) - len(linear)
+    if (
+        last is not None
+        and last.op in ("jvp", "vjp")
+        and not last.opts.get("value", True)
+        and linear == list(range(n, len(args)))
+        and len(linear) == (1 if last.op == "vjp" else len(last.opts["argnums"]))
+    ):
+        # transpose(jvp) = vjp and transpose(vjp) = jvp: one transform, not two.
+        argnums = tuple(last.opts["argnums"])
+        if last.op == "jvp":
+            step = Transform.of("vjp", argnums=argnums, value=False)
+            new_args = (*args[:n], ct_tree)
         else:
-            fn = remote_vmap(params["fn"], in_axes=0)
-            batched = {
-                "fn": fn,
-                "in_avals": _with_batch(params["in_avals"], size),
-                "out_avals": _with_batch(params["out_avals"], size),
-            }
-            outs = p.bind(*args, **{**params, **batched})
-        return outs, [0] * len(outs)
+            step = Transform.of("jvp", argnums=argnums, value=False)
+            new_args = (*args[:n], *ct_tree)
+        base = chain[:-1]
+    else:
+        point = [jnp.zeros(*_aval(x)) if ad.is_undefined_primal(x) else x for x in flat]
+        step = Transform.of("vjp", argnums=tuple(linear), value=False)
+        new_args = (*jax.tree.unflatten(in_tree, point), ct_tree)
+        base = chain
+    # UndefinedPrimal is a pytree without children: walk leaf indices, not the leaves.
+    index = jax.tree.unflatten(in_tree, list(range(len(flat))))
+    wanted = [jax.tree.map(lambda j: _aval(flat[j]), index[i]) for i in linear]
+    grads = _bind(jax.tree.leaves(new_args), new_args, fn, (*base, step), wanted)
+    result: list[Any] = [None] * len(flat)
+    positions = [j for i in linear for j in jax.tree.leaves(index[i])]
+    for j, g in zip(positions, grads, strict=True):
+        x = flat[j]
+        if ad.is_undefined_primal(x) and _inexact(x.aval.dtype):
+            result[j] = g
+    return result
 
-    return rule
+
+def _batch(args: Sequence[Any], dims: Sequence[Any], **params: Any) -> tuple:
+    """Any batched argument: the chain plus a vmap with each leaf's axis, one request."""
+    in_tree = params["in_tree"]
+    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+    axes = [None if d is None else int(d) for d in dims]
+    per_arg = [_collapse(a) for a in jax.tree.unflatten(in_tree, axes)]
+    step = Transform.of("vmap", in_axes=tuple(per_arg), out_axes=0)
+    out = [((size, *s), d) for s, d in params["out_avals"]]
+    outs = remote_p.bind(
+        *args, **{**params, "chain": (*params["chain"], step), "out_avals": tuple(out)}
+    )
+    return outs, [0] * len(outs)
 
 
-for _kind in _KINDS:
-    _register(_kind)
-ad.primitive_jvps[remote_call_p] = _call_jvp
-ad.primitive_jvps[remote_jvp_p] = _linear_jvp(remote_jvp_p, "jvp")
-ad.primitive_jvps[remote_vjp_p] = _linear_jvp(remote_vjp_p, "vjp")
-ad.primitive_transposes[remote_jvp_p] = _transpose(remote_vjp_p)
-ad.primitive_transposes[remote_vjp_p] = _transpose(remote_jvp_p)
+def _collapse(axes: Any) -> Any:
+    """One int/None for an argument whose leaves share it, else its tree (lists for tuples)."""
+    leaves = jax.tree.leaves(axes, is_leaf=lambda x: x is None)
+    if len(set(leaves)) == 1:
+        return leaves[0]
+    if isinstance(axes, dict):
+        return {k: _collapse(v) for k, v in axes.items()}
+    if isinstance(axes, (list, tuple)):
+        return [_collapse(v) for v in axes]
+    return axes
+
+
+ad.primitive_jvps[remote_p] = _jvp
+ad.primitive_transposes[remote_p] = _transpose
+batching.primitive_batchers[remote_p] = _batch
 
 
 # ---------------------------------------------------------------------------- as_jax
 
 
 def _declared(spec: Any) -> Any:
-    """An example output built from a fully declared spec, or None where anything is open."""
+    """An example output built from a fully declared spec; LookupError where anything is open."""
     if isinstance(spec, ArraySpec):
         if spec.shape is None or None in spec.shape or spec.dtype is None:
             raise LookupError
@@ -222,22 +274,25 @@ def _signature(fun: RemoteFunction, in_tree: Any, in_avals: Avals) -> tuple[Any,
         zeros = [np.zeros(s, d) for s, d in in_avals]
         example = fun(*jax.tree.unflatten(in_tree, zeros))
     leaves, out_tree = jax.tree.flatten(example)
-    return out_tree, _avals_of([np.asarray(x) for x in leaves])
+    return out_tree, tuple((np.shape(x), np.asarray(x).dtype) for x in leaves)
 
 
 def as_jax(fun: RemoteFunction) -> Callable[..., Any]:
-    """A remote function as a local JAX function: traceable by jit, grad, jvp, vjp and vmap.
+    """A remote function as a local JAX function, differentiable to any order.
 
     Args:
       fun: a remote function of a blocking `Client` (``client.model(name)``, or a transform).
 
     Returns:
-      A function of the same arguments. Under ``jax.grad`` it costs the remote value and one
-      remote ``vjp``; under ``jax.vmap`` one (batched) request; under ``jax.jit`` it runs as a
-      host callback. Differentiating it twice locally raises ``NotImplementedError``.
+      A function of the same arguments that works under every composition of ``jax.jit``,
+      ``jax.grad``, ``jax.jvp``, ``jax.vjp``, ``jax.jacfwd``, ``jax.jacrev``, ``jax.hessian``
+      and ``jax.vmap``, inside larger local programs. Each derivative is computed by the server
+      as one `call` chain (``jax.hessian`` of it: ``[vjp, vmap, jvp, vmap]``), each ``vmap`` is
+      one request, and under ``jax.jit`` only the requests the result needs are sent.
 
     >>> f = as_jax(client.model("tanh_sq_sum"))
-    >>> jax.jit(jax.grad(lambda x: 2 * f(x) + jnp.sum(x)))(x)
+    >>> jax.jit(jax.grad(lambda x: 2 * f(x) + jnp.sum(x)))(x)  # one request: the pullback
+    >>> jax.hessian(f)(x)  # one request
     """
     if not isinstance(fun, RemoteFunction):
         raise TypeError(f"as_jax takes a remote function (client.model(name)), got {fun!r}")
@@ -248,13 +303,14 @@ def as_jax(fun: RemoteFunction) -> Callable[..., Any]:
     def wrapped(*args: Any) -> Any:
         flat, in_tree = jax.tree.flatten(args)
         flat = [jnp.asarray(x) for x in flat]
-        in_avals = _avals_of(flat)
+        in_avals = tuple(_aval(x) for x in flat)
         key = (in_tree, in_avals)
         if key not in signatures:
             signatures[key] = _signature(fun, in_tree, in_avals)
         out_tree, out_avals = signatures[key]
-        params = {"fn": fun, "in_tree": in_tree, "out_tree": out_tree, "in_avals": in_avals}
-        outs = remote_call_p.bind(*flat, **params, out_avals=out_avals, batch=None)
+        outs = remote_p.bind(
+            *flat, fn=fun, chain=(), in_tree=in_tree, out_tree=out_tree, out_avals=out_avals
+        )
         return jax.tree.unflatten(out_tree, outs)
 
     wrapped.__name__ = f"as_jax_{fun.model}"

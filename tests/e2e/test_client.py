@@ -166,6 +166,13 @@ def test_jacobians_and_hessians(h: Harness) -> None:
         jax.jacfwd(jax.jacrev(cb.logistic_predict, (0, 1)), (0, 1))(W, b),
     )
     assert_tree_close(h(hessian(loss, (0, 1))(W, b)), jax.hessian(cb.logistic_loss, (0, 1))(W, b))
+    # jax.hessian of any output: a vector output, tuple argnums nesting as tuples of tuples
+    assert_tree_close(h(hessian(f)(W, b)), jax.hessian(cb.logistic_predict)(W, b))
+    assert_tree_close(h(hessian(f, (0, 1))(W, b)), jax.hessian(cb.logistic_predict, (0, 1))(W, b))
+    assert_tree_close(
+        h(vmap(hessian(f), (0, None))(np.stack([W, 2 * W]), b)),
+        jax.vmap(jax.hessian(cb.logistic_predict), (0, None))(np.stack([W, 2 * W]), b),
+    )
 
 
 def test_jvp_vjp_linearize(h: Harness) -> None:
@@ -203,6 +210,44 @@ def test_hvp_modes(h: Harness) -> None:
         h(hvp(loss, (W, b), v, argnums=(0, 1))),
         jax.jvp(jax.grad(cb.logistic_loss, (0, 1)), (W, b), v)[1],
     )
+    # In x only: mlp_loss's labels are int32, and their tangent is ignored.
+    x = RNG.standard_normal((3, 784)).astype(np.float32)
+    y = np.array([1, 7, 3], np.int32)
+    vx = RNG.standard_normal((3, 784)).astype(np.float32)
+    params = cb.mlp_init(jax.random.PRNGKey(0))
+    want = jax.jvp(jax.grad(lambda x: cb.mlp_loss(params, x, y)), (x,), (vx,))[1]
+    mlp_loss = h.model("mlp_loss")  # fetches the spec
+    before = len(h.requests)
+    for mode in ("fwd_rev", "rev_fwd", "rev_rev"):
+        got = h(hvp(mlp_loss, (x, y), (vx, 0), mode=mode))
+        assert_tree_close(got, want, rtol=2e-4, atol=1e-6)
+    assert len(h.requests) - before == 3
+
+
+def test_chain_products_keep_jax_structure(h: Harness) -> None:
+    """jvp/vjp steps inside a client chain (what client.jax builds): one request, JAX's tuples."""
+    from client._core import Transform
+
+    f = h.model("logistic_predict")
+    v, u = RNG.standard_normal(3).astype(np.float32), RNG.standard_normal(4).astype(np.float32)
+    y, pullback = jax.vjp(cb.logistic_predict, W, b)
+    vjp_chain = f.then(Transform.of("vjp", argnums=(0, 1)))
+    got, n = h.counted(lambda: vjp_chain(W, b, u))
+    assert n == 1 and isinstance(got, tuple) and isinstance(got[1], tuple)
+    assert_tree_close(got, (y, pullback(u)))
+    jvp_chain = f.then(Transform.of("jvp", argnums=0, value=False))
+    assert_tree_close(
+        h(jvp_chain(W, b, v)), jax.jvp(lambda W: cb.logistic_predict(W, b), (W,), (v,))[1]
+    )
+    # ApplyHessian's chain: the jvp (in W) of the pullback of u
+    hess = f.then(Transform.of("vjp", argnums=0, value=False)).then(
+        Transform.of("jvp", argnums=0, value=False)
+    )
+    H = jax.hessian(cb.logistic_predict)(W, b)
+    assert_tree_close(h(hess(W, b, u, v)), jnp.einsum("i,ijk,k->j", u, H, v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(errors.InvalidInput, match=r"jvp of 'logistic_predict'") as e:
+        h(f.then(Transform.of("jvp"))(W, b, v))
+    assert e.value.code == "invalid_transform"
 
 
 def test_vmap(h: Harness) -> None:

@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import importlib.util, json, sys
 from client import Client, grad, vmap, vjp, errors
+from client import GradserveError, InvalidInput, ModelNotFound
+import gradserve as gs
 assert importlib.util.find_spec("jax") is None and importlib.util.find_spec("fastapi") is None
+assert gs.Client is Client and gs.AsyncClient and gs.grad is grad and gs.hessian and gs.hvp
+assert gs.InvalidInput is InvalidInput is errors.InvalidInput and gs.errors is errors
+assert issubclass(ModelNotFound, GradserveError) and gs.ServerBusy is errors.ServerBusy
+assert not {"jax", "fastapi", "service"} & set(sys.modules), sorted(sys.modules)
 try:
     import client.jax
 except ImportError as e:
@@ -39,10 +45,17 @@ with Client(sys.argv[1]) as c:
     W_bar, b_bar = pullback(np.ones(4))
     try:
         c.model("nope")
-    except errors.ModelNotFound as e:
+    except ModelNotFound as e:
         missing = str(e)
+    try:
+        gs.grad(f)(np.ones(3), 0.5)
+    except GradserveError as e:
+        refused = e.code
+with gs.Client(sys.argv[1]) as c:
+    H = gs.hessian(c.model("logistic_predict"))(np.ones(3), 0.5)
 print(json.dumps({"third": float(third), "per_x": per_x.tolist(), "W_bar": W_bar.tolist(),
-                  "b_bar": float(b_bar), "missing": missing, "jax_error": jax_error}))
+                  "b_bar": float(b_bar), "missing": missing, "jax_error": jax_error,
+                  "refused": refused, "H": H.tolist()}))
 """
 
 
@@ -51,7 +64,7 @@ def test_pip_install_gives_a_client_without_jax(tmp_path: Path, client_server: A
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
     (src / "README.md").write_text((ROOT / "README.md").read_text())
-    for package in ("client", "service"):
+    for package in ("client", "service", "gradserve"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = tmp_path / "env"
     venv.create(env, with_pip=True)  # clean: no system site-packages
@@ -81,3 +94,6 @@ def test_pip_install_gives_a_client_without_jax(tmp_path: Path, client_server: A
     np.testing.assert_allclose(got["W_bar"], W_bar, rtol=1e-6)
     np.testing.assert_allclose(got["b_bar"], b_bar, rtol=1e-6)
     assert "no model named 'nope'" in got["missing"]
+    assert got["refused"] == "non_scalar_output"
+    H = jax.hessian(cb.logistic_predict)(jnp.ones(3), jnp.float32(0.5))
+    np.testing.assert_allclose(got["H"], H, rtol=1e-6)

@@ -1,4 +1,5 @@
-"""`client.jax.as_jax`: a remote model inside local JAX programs equals the all-local program."""
+"""`client.jax.as_jax`: a remote model inside local JAX programs equals the all-local program,
+under any composition of transforms and to any order, with the requests counted."""
 
 from __future__ import annotations
 
@@ -89,12 +90,6 @@ def test_vmap_is_one_request(c: Client) -> None:
     )
 
 
-def test_second_order_points_to_the_server(c: Client) -> None:
-    f = as_jax(c.model("tanh"))
-    with pytest.raises(NotImplementedError, match=r"client\.hessian"):
-        jax.grad(jax.grad(lambda x: jnp.sum(f(x))))(1.0)
-
-
 def test_only_remote_functions_of_a_blocking_client() -> None:
     with pytest.raises(TypeError, match="remote function"):
         as_jax(jnp.tanh)
@@ -105,4 +100,128 @@ def test_no_request_at_trace_time_when_the_spec_is_declared(c: Client) -> None:
     before = len(c.requests)
     jaxpr = jax.make_jaxpr(jax.grad(lambda W, b: jnp.sum(pred(W, b))))(W, b)
     assert len(c.requests) == before
-    assert "gradserve_call" in str(jaxpr) and "gradserve_vjp" in str(jaxpr)
+    assert "gradserve_remote" in str(jaxpr) and "op='vjp'" in str(jaxpr)
+
+
+# ---------------------------------------------------------------------------- any order
+
+
+def counted(c: Client, thunk: Any) -> tuple[Any, list[str]]:
+    """The result and the requests it sent (op of each), after the signature probes."""
+    before = len(c.requests)
+    out = thunk()
+    return out, [r.url.path.rsplit("/", 1)[1] for r in c.requests[before:]]
+
+
+def test_hessian_is_one_request_under_jit(c: Client) -> None:
+    f = as_jax(c.model("logistic_predict"))  # vector output: the (4, 3, 3) Hessian, as JAX's
+    got, sent = counted(c, lambda: jax.jit(jax.hessian(f))(W, b))
+    close(got, jax.hessian(cb.logistic_predict)(W, b))
+    assert sent == ["call"]  # [vjp, vmap, jvp, vmap]: jacrev's basis, then jacfwd's
+    # Without jit JAX evaluates every intermediate eagerly: f, its jvp, the gradient, and the
+    # Hessian, each one request.
+    got, sent = counted(c, lambda: jax.hessian(f, (0, 1))(W, b))
+    close(got, jax.hessian(cb.logistic_predict, (0, 1))(W, b))
+    assert sent == ["eval", "call", "call", "call"]
+    loss = as_jax(c.model("logistic_loss_dict"))
+    params = {"W": W, "b": b}
+    got, sent = counted(c, lambda: jax.jit(jax.hessian(loss))(params))
+    close(got, jax.hessian(cb.logistic_loss_dict)(params))
+    assert sent == ["call"]
+
+
+def test_grad_costs_the_pullback_alone_under_jit(c: Client) -> None:
+    f = as_jax(c.model("logistic_loss"))
+    got, sent = counted(c, lambda: jax.jit(jax.grad(f, (0, 1)))(W, b))
+    close(got, jax.grad(cb.logistic_loss, (0, 1))(W, b))
+    assert sent == ["call"]  # [vjp]: XLA drops the unused value's callback
+    got, sent = counted(c, lambda: jax.grad(f)(W, b))
+    close(got, jax.grad(cb.logistic_loss)(W, b))
+    assert sent == ["eval", "call"]  # eager JAX computes the value too
+
+
+def test_jacfwd_of_grad_and_grad_of_grad(c: Client) -> None:
+    f = as_jax(c.model("logistic_loss"))
+    got, sent = counted(c, lambda: jax.jit(jax.jacfwd(jax.grad(f)))(W, b))
+    close(got, jax.jacfwd(jax.grad(cb.logistic_loss))(W, b))
+    assert sent == ["call"]  # [vjp, jvp, vmap]
+    got, sent = counted(c, lambda: jax.jacfwd(jax.grad(f))(W, b))
+    close(got, jax.jacfwd(jax.grad(cb.logistic_loss))(W, b))
+    assert sent == ["eval", "call", "call", "call"]
+    g = as_jax(c.model("piecewise"))  # a scalar model
+    x = np.float32(1.3)
+    got, sent = counted(c, lambda: jax.grad(jax.grad(g))(x))
+    close(got, jax.grad(jax.grad(cb.piecewise))(x))
+    assert sent == ["eval", "call", "call"]
+    got, sent = counted(c, lambda: jax.jit(jax.grad(jax.grad(jax.grad(g))))(x))
+    close(got, jax.grad(jax.grad(jax.grad(cb.piecewise)))(x))
+    assert sent == ["call"]  # [vjp, vjp, vjp]
+
+
+def test_nested_vmap_and_vmap_of_grad(c: Client) -> None:
+    f = as_jax(c.model("tanh_sq_sum"))
+    xss = RNG.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    f(X)  # the signature probe (the output shape is declared, the input's is not)
+    got, sent = counted(c, lambda: jax.vmap(jax.vmap(f))(xss))
+    close(got, jax.vmap(jax.vmap(cb.tanh_sq_sum))(xss))
+    assert sent == ["call"]  # [vmap, vmap]
+    got, sent = counted(c, lambda: jax.jit(jax.vmap(jax.grad(f)))(xss[0]))
+    close(got, jax.vmap(jax.grad(cb.tanh_sq_sum))(xss[0]))
+    assert sent == ["call"]  # [vjp, vmap]
+    got, sent = counted(c, lambda: jax.vmap(jax.grad(f))(xss[0]))
+    close(got, jax.vmap(jax.grad(cb.tanh_sq_sum))(xss[0]))
+    assert sent == ["call", "call"]  # eagerly, the values too
+    t = as_jax(c.model("tanh"))
+    ys = RNG.standard_normal((3, 4, 2)).astype(np.float32)
+    t(ys[:, 0, 0])  # probe the per-example signature
+    got, sent = counted(c, lambda: jax.vmap(jax.vmap(t, in_axes=1), in_axes=2)(ys))
+    close(got, jax.vmap(jax.vmap(jnp.tanh, in_axes=1), in_axes=2)(ys))
+    assert sent == ["call"]
+
+
+def test_a_local_loss_mixing_remote_and_local_code(c: Client) -> None:
+    pred = as_jax(c.model("logistic_predict"))
+    target = np.array([0.1, 0.9, 0.4, 0.7], np.float32)
+
+    def loss(W, b, model):
+        p = model(W, b)
+        return jnp.mean((p - target) ** 2) + 0.1 * jnp.sum(jnp.sin(W)) * b
+
+    remote = lambda W, b: loss(W, b, pred)  # noqa: E731
+    local = lambda W, b: loss(W, b, cb.logistic_predict)  # noqa: E731
+    got, sent = counted(c, lambda: jax.jit(jax.hessian(remote, (0, 1)))(W, b))
+    close(got, jax.hessian(local, (0, 1))(W, b))
+    # pred's value, its Jacobian pushed along jacfwd's basis ([jvp, vmap]) and the pullback of
+    # (p - target) differentiated along it ([vjp, vmap, jvp, vmap]): all three enter the
+    # Hessian; the gradient itself (the [vjp, vmap] value) does not, and is not sent.
+    assert sent == ["eval", "call", "call"]
+    got, sent = counted(c, lambda: jax.jit(jax.value_and_grad(remote))(W, b))
+    close(got, jax.value_and_grad(local)(W, b))
+    assert sent == ["eval", "call"]
+    v = RNG.standard_normal(3).astype(np.float32)
+    hvp = lambda f: jax.jvp(jax.grad(f), (W, b), (v, np.float32(0.5)))[1]  # noqa: E731
+    close(jax.jit(lambda: hvp(remote))(), hvp(local))
+
+
+def test_integer_arguments_and_higher_order_in_float_ones(c: Client) -> None:
+    f = as_jax(c.model("mlp_loss"))
+    params = cb.mlp_init(jax.random.PRNGKey(0))
+    x = (RNG.standard_normal((2, 784)) * 0.1).astype(np.float32)
+    y = np.array([3, 8], np.int32)
+    v = RNG.standard_normal((2, 784)).astype(np.float32)
+    local = lambda x: cb.mlp_loss(params, x, y)  # noqa: E731
+    got, sent = counted(c, lambda: jax.jit(lambda x: jax.grad(f)(x, y))(x))
+    close(got, jax.grad(local)(x), tol=1e-4)
+    assert sent == ["call"]
+    hvp = lambda g: jax.jvp(jax.grad(g), (x,), (v,))[1]  # noqa: E731
+    got, sent = counted(c, jax.jit(lambda: hvp(lambda x: f(x, y))))
+    close(got, hvp(local), tol=1e-4)
+    assert sent == ["call"]  # [vjp, jvp]
+
+
+def test_abstract_evaluation_of_any_order_sends_nothing(c: Client) -> None:
+    pred = as_jax(c.model("logistic_predict"))
+    before = len(c.requests)
+    jaxpr = jax.make_jaxpr(jax.hessian(jax.jacrev(pred)))(W, b)
+    assert len(c.requests) == before
+    assert str(jaxpr).count("gradserve_remote") >= 1
