@@ -14,9 +14,7 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from client import _trees, wire
+from client import _chains, _trees, wire
 from client.errors import APIError, ConnectError, InvalidInput, ServerBusy, error_class
 from client.specs import SpecTree, check_args, spec_from_json
 
@@ -123,27 +121,6 @@ def _assemble(op: str, fields: Mapping[str, Any], has_aux: bool) -> Any:
     if op == "vjp":
         return (fields["value"], fields["cotangents"])
     return fields["hvp"]
-
-
-def unbatched_shapes(args: Sequence[Any], chain: Sequence[Transform]) -> list[Any]:
-    """What the model itself sees under the chain's `vmap`s: their mapped axes removed.
-
-    Spec checks apply per example; only int/None `in_axes` (per argument) are understood, any
-    other form skips the shape check rather than guess.
-    """
-    views = [_trees.tree_map(lambda x: np.empty(x.shape, x.dtype), a) for a in args]
-    for t in reversed(chain):
-        if t.op != "vmap":
-            continue
-        axes = t.opts.get("in_axes", 0)
-        per_arg = axes if isinstance(axes, tuple) else (axes,) * len(views)
-        if len(per_arg) != len(views) or not all(a is None or isinstance(a, int) for a in per_arg):
-            return []
-        views = [
-            v if a is None else _trees.tree_map(lambda x, a=a: np.take(x, 0, axis=a), v)
-            for v, a in zip(views, per_arg, strict=True)
-        ]
-    return views
 
 
 class Core:
@@ -264,35 +241,45 @@ class Core:
         answer = yield from self.post(model, op, args, extra, fields, self._guess_out(op, args))
         last = chain[-1].opts if chain and apply == "eval" else {}
         raw = _assemble(op, answer, bool(last.get("has_aux")))
-        return _trees.restore(raw, self.template(info, chain, apply, args))
+        return _trees.restore(raw, self.template(info, chain, apply, args, options))
 
     def prepare_args(self, info: ModelInfo, chain: tuple[Transform, ...], args: Sequence) -> tuple:
-        specs = info.inputs
+        specs = _chains.outer_specs(info.inputs, chain)
         if specs is not None and len(specs) != len(args):
-            check_args(info.name, specs, args)  # raises the server's arity message
+            if not _has_products(chain):
+                check_args(info.name, specs, args)  # raises the server's arity message
+            specs = None  # a chain jvp/vjp of the wrong arity: the server words it
         args = tuple(
             _trees.prepare(a, specs[i] if specs is not None else None) for i, a in enumerate(args)
         )
-        if specs is not None:
-            views = unbatched_shapes(args, chain) if _has_vmap(chain) else list(args)
-            if views:
-                check_args(info.name, specs, views)
+        if info.inputs is not None:
+            views = _chains.model_view(args, chain)
+            if views is not None and (len(views) == len(info.inputs) or not _has_products(chain)):
+                check_args(info.name, info.inputs, views)
         return args
 
     def template(
-        self, info: ModelInfo, chain: tuple[Transform, ...], apply: str, args: tuple
+        self,
+        info: ModelInfo,
+        chain: tuple[Transform, ...],
+        apply: str,
+        args: tuple,
+        options: Mapping[str, Any] | None = None,
     ) -> Any:
         """The structure JAX gives for this call (see `client._trees`)."""
         args_t = [_trees.template_of(a) for a in args]
         out = _trees.spec_template(info.output)
-        for t in chain:
-            out = _trees.transformed(t.op, t.opts, out, args_t)
+        for t, level in zip(chain, _chains.levels(args_t, chain), strict=False):
+            out = _transformed(t, out, level)
         if apply == "jvp":
             return (out, out)
         if apply == "vjp":
             return (out, tuple(args_t))
         if apply == "hvp":
-            return tuple(args_t)
+            nums = (options or {}).get("argnums")
+            if isinstance(nums, int):
+                return args_t[nums]
+            return tuple(args_t) if nums is None else tuple(args_t[n] for n in nums)
         return out
 
     def _guess_out(self, op: str, args: tuple) -> int:
@@ -351,7 +338,7 @@ def _route(chain: tuple[Transform, ...], apply: str) -> tuple[str, dict[str, Any
     if not chain:
         return "eval", {}
     last = chain[-1]
-    if last.op == "vmap":
+    if last.op in ("vmap", "jvp", "vjp"):  # no named op is this function transform
         return "call", _chain_field(chain)
     options = last.to_json()
     del options["op"]
@@ -362,8 +349,22 @@ def _chain_field(chain: tuple[Transform, ...]) -> dict[str, Any]:
     return {"transforms": [t.to_json() for t in chain]} if chain else {}
 
 
-def _has_vmap(chain: tuple[Transform, ...]) -> bool:
-    return any(t.op == "vmap" for t in chain)
+def _has_products(chain: tuple[Transform, ...]) -> bool:
+    return any(t.op in ("jvp", "vjp") for t in chain)
+
+
+def _transformed(t: Transform, out: Any, args: Sequence[Any]) -> Any:
+    """The template of `t(f)`'s output, `f` returning `out` and taking `args`."""
+    if t.op not in ("jvp", "vjp"):
+        return _trees.transformed(t.op, t.opts, out, args)
+    value = t.opts.get("value", True)
+    if t.op == "jvp":
+        product = out
+    else:
+        nums = _chains.product_argnums(t, len(args))  # `args` are the primals here
+        single = isinstance(t.opts.get("argnums"), int)
+        product = args[nums[0]] if single else tuple(args[k] for k in nums)
+    return (out, product) if value else product
 
 
 def _with_timeout(request: HTTPRequest, timeout: float) -> HTTPRequest:

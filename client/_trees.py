@@ -174,8 +174,8 @@ def transformed(op: str, options: Mapping[str, Any], out: Any, args: Sequence[An
         return (w, _pair(out, 1)) if has_aux else w
     if op == "value_and_grad":
         return (out, w)
-    if op == "hessian":
-        return graft(w, w)
+    if op == "hessian":  # jacfwd(jacrev(f)): any output, each leaf out.shape + in + in
+        return graft(graft(out, w), w)
     # jacfwd, jacrev, jacobian
     if has_aux:
         return (graft(_pair(out, 0), w), _pair(out, 1))

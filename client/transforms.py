@@ -141,12 +141,17 @@ def jacobian(
 def hessian(
     fun: Any, argnums: int | Sequence[int] = 0, holomorphic: bool = False
 ) -> RemoteFunction:
-    """Hessian of a scalar-valued remote function (``jacfwd(jacrev(fun))``, in one request).
+    """Hessian of a remote function, ``jax.hessian``: ``jacfwd(jacrev(fun))`` in one request.
 
-    Args: as for `grad`.
+    Args: as for `grad`; ``fun`` may return any pytree of arrays, not only a scalar.
 
-    >>> H = hessian(client.model("tanh_sq_sum"))(X)
-    >>> H.shape  # X.shape + X.shape
+    Returns:
+      A remote function returning the Hessian: for each output leaf, the input tree nested in
+      the input tree (a tuple of tuples for tuple ``argnums``), each leaf of shape
+      ``output.shape + input.shape + input.shape``.
+
+    >>> H = hessian(client.model("logistic_predict"))(W, b)
+    >>> H.shape  # (4, 3, 3)
     """
     return _diff("hessian", fun, argnums, holomorphic=holomorphic)
 
@@ -245,27 +250,27 @@ def hvp(
 ) -> Any:
     """Hessian-vector product of a scalar remote function, never forming the Hessian.
 
-    Computes ``jvp(grad(fun, argnums), primals, tangents)[1]``, the cookbook's ``hvp``.
+    Computes ``jvp(grad(fun, argnums), primals, tangents)[1]``, the cookbook's ``hvp``, with
+    respect to the arguments ``argnums`` names only: the others are held fixed, so an integer
+    argument (labels, say) may sit beside the differentiated ones.
 
     Args:
       fun: a remote function with a scalar output.
-      primals, tangents: tuples of its arguments and of directions of the same structure.
-      argnums: which argument's block of ``H @ v`` to return (a tuple gives a tuple).
+      primals, tangents: tuples of its arguments and of directions of the same structure
+        (entries outside ``argnums`` are ignored: ``0`` will do).
+      argnums: the argument(s) to differentiate; an int gives that block of ``H @ v``, a tuple
+        a tuple of blocks.
       mode: ``"fwd_rev"`` (forward over reverse, default), ``"rev_fwd"`` or ``"rev_rev"``.
 
     >>> f = client.model("tanh_sq_sum")
     >>> hvp(f, (X,), (V,))  # shaped like X
+    >>> hvp(client.model("mlp_loss"), (x, y), (v, 0))  # in x only; y is int32
     """
     if mode not in HVP_MODES:
         raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
     f = _remote(fun, "hvp")
     nums = _argnums(argnums)
-
-    def flow() -> Any:
-        core = f._client._core
-        blocks = yield from core.compute(
-            f.model, f.chain, "hvp", tuple(primals), tuple(tangents), mode=mode
-        )
-        return blocks[nums] if isinstance(nums, int) else tuple(blocks[n] for n in nums)
-
-    return f._client._run(flow())
+    flow = f._client._core.compute(
+        f.model, f.chain, "hvp", tuple(primals), tuple(tangents), mode=mode, argnums=nums
+    )
+    return f._client._run(flow)

@@ -20,10 +20,11 @@ from client.errors import InvalidInput
 from client.specs import ArraySpec, canonical_dtype, check_args, dtype_name
 from client.wire import decode_tree
 from service import limits
+from service.layout import outer_specs, per_example
 from service.registry import Config, Model
 from service.schemas import OP_OPTIONS, REQUESTS
 from service.settings import Settings
-from service.transforms import Program, Transform, build_program, per_example
+from service.transforms import Program, Transform, build_program
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,10 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     chain = [Transform.of(t.op, **t.options()) for t in request.transforms]
     options = {k: getattr(request, k) for k in _OPTIONS_OF[op]}
     program = build_program(op, options, chain)
-    if specs is not None and any(t.op == "vmap" for t in chain):
-        # Mapped arguments carry extra axes: only the declared dtypes guide decoding.
-        decode_specs = [tree_map(lambda s: ArraySpec(None, s.dtype), spec) for spec in specs]
-    else:
-        decode_specs = specs
-    args = decode(request.args, decode_specs, "args")
-    check_args(model.name, specs, per_example(args, program.transforms))
+    # Mapped arguments carry extra axes (only the declared dtypes guide decoding); tangents of
+    # a chain's jvp follow their primals.
+    args = decode(request.args, outer_specs(specs, chain), "args")
+    check_args(model.name, specs, per_example(args, program.transforms, model.name))
     depth = len(program.transforms) + (program.apply != "eval")
     if depth > settings.max_transform_depth:
         raise InvalidInput(
@@ -133,6 +131,11 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     if op in ("jvp", "hvp"):
         tangent_specs = list(_aval_spec(args, program.batched))
         extra = decode(request.tangents, tangent_specs, "tangents")
+        if op == "hvp" and program.hvp_argnums is not None:
+            # Tangents outside argnums are ignored: neither checked nor part of the signature.
+            keep = _chosen(program.hvp_argnums, len(args))
+            extra = tuple(t if i in keep else None for i, t in enumerate(extra))
+            tangent_specs = [s if i in keep else None for i, s in enumerate(tangent_specs)]
         _check_tangents(model.name, tangent_specs, args, extra, program.batched)
     elif op == "vjp":
         extra = tree_map(
@@ -143,6 +146,12 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
     call = Call(model, op, program, args, extra, request.binary, config)
     limits.check_batch(call, settings)
     return call
+
+
+def _chosen(argnums: int | tuple[int, ...], nargs: int) -> set[int]:
+    """The argument indices `argnums` names (out-of-range ones are refused at trace time)."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    return {n % nargs for n in nums if -nargs <= n < nargs}
 
 
 def _check_tangents(model: str, specs: list, args: tuple, tangents: tuple, batched: bool) -> None:

@@ -72,13 +72,18 @@ class _Body(BaseModel):
 class TransformSpec(_Body):
     """One function transform of a `call` chain (innermost first)."""
 
-    op: Literal["grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian", "vmap"]
+    op: Literal[
+        "grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian", "vmap", "jvp", "vjp"
+    ]
     argnums: Argnums | None = None
     has_aux: bool | None = None
     holomorphic: bool | None = None
     mode: Literal["fwd", "rev", "auto"] | None = None
     in_axes: Any = None
     out_axes: Any = None
+    value: bool | None = Field(
+        None, description="jvp/vjp only: false returns the product alone, without the value"
+    )
 
     def options(self) -> dict[str, Any]:
         """The options the client set; `InvalidInput` for one this transform does not take."""
@@ -102,6 +107,11 @@ _TRANSFORM_OPTIONS = {
     "jacobian": {"argnums", "has_aux", "holomorphic", "mode"},
     "hessian": {"argnums", "holomorphic"},
     "vmap": {"in_axes", "out_axes"},
+    # v1.1: after jvp the function takes n primals then tangents (one per argnums entry, all
+    # by default) and returns [output, tangent]; after vjp n primals then one cotangent, and
+    # returns [output, cotangents].
+    "jvp": {"argnums", "value"},
+    "vjp": {"argnums", "value"},
 }
 
 
@@ -150,7 +160,12 @@ class VjpRequest(OpRequest):
 
 
 class HvpRequest(OpRequest):
-    tangents: list[Pytree] = Field(description="same tree as args")
+    tangents: list[Pytree] = Field(
+        description="same tree as args; entries outside argnums are ignored (0 will do)"
+    )
+    argnums: Argnums | None = Field(
+        None, description="the arguments to differentiate (default: all, a block each)"
+    )
     mode: Literal["fwd_rev", "rev_fwd", "rev_rev"] = "fwd_rev"
     batched: bool = False
 
@@ -218,7 +233,9 @@ class VjpResponse(_Response):
 
 
 class HvpResponse(_Response):
-    hvp: list[Pytree] = Field(description="same tree as args")
+    hvp: Pytree = Field(
+        description="a block per argument (without argnums), or as argnums names, like grad"
+    )
 
 
 RESPONSES: dict[str, type[_Response]] = {

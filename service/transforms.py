@@ -2,7 +2,9 @@
 
 Every request becomes a `Program`: a chain of function transforms (innermost first) and how the
 result is applied (`eval`, `jvp`, `vjp`, `hvp`). A named op is the same program as its
-one-element `call`, so both share one compiled executable and give the same numbers.
+one-element `call`, so both share one compiled executable and give the same numbers. `jvp` and
+`vjp` may also sit inside a chain (PROTOCOL.md v1.1), where they change the arity of the function
+(`service.layout`).
 
 Checks run at trace time inside each transform, where the abstract values the transform really
 sees are known, so `grad(grad(f))` is checked at both levels and names the level in its error.
@@ -18,10 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from client.errors import InvalidInput
+from client.errors import APIError, InvalidInput
 from client.specs import describe_array
+from service.layout import Aval, conform, freeze, primal_count, product_argnums, thaw
 
-FUNCTION_TRANSFORMS = ("grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian", "vmap")
+FUNCTION_TRANSFORMS = (
+    "grad",
+    "value_and_grad",
+    "jacfwd",
+    "jacrev",
+    "jacobian",
+    "hessian",
+    "vmap",
+    "jvp",
+    "vjp",
+)
 APPLICATIONS = ("eval", "jvp", "vjp", "hvp")
 OPS = (
     "eval",
@@ -37,7 +50,7 @@ OPS = (
     "call",
 )
 HVP_MODES = ("fwd_rev", "rev_fwd", "rev_rev")
-_NEEDS_SCALAR = ("grad", "value_and_grad", "hessian")
+_NEEDS_SCALAR = ("grad", "value_and_grad")
 _DIFFERENTIATES = ("grad", "value_and_grad", "jacfwd", "jacrev", "jacobian", "hessian")
 
 
@@ -46,12 +59,13 @@ class Transform:
     """One function transform with its (hashable) options."""
 
     op: str
-    argnums: int | tuple[int, ...] = 0
+    argnums: int | tuple[int, ...] | None = 0  # chain jvp/vjp: None for every primal
     has_aux: bool = False
     holomorphic: bool = False
     mode: str = "auto"  # jacobian only: fwd | rev | auto
     in_axes: Any = 0  # vmap only
     out_axes: Any = 0
+    value: bool = True  # chain jvp/vjp only: False returns the product without the value
 
     @classmethod
     def of(cls, op: str, **options: Any) -> Transform:
@@ -60,79 +74,12 @@ class Transform:
             options["argnums"] = tuple(options["argnums"])
         for key in ("in_axes", "out_axes"):
             if key in options:
-                options[key] = _freeze(options[key])
+                options[key] = freeze(options[key])
+        if op in ("jvp", "vjp"):
+            options.setdefault("argnums", None)
         if op == "jacobian" and options.get("mode", "auto") != "auto":
             op = "jacfwd" if options.pop("mode") == "fwd" else "jacrev"
         return cls(op, **options)
-
-
-class _FrozenDict(tuple):
-    """A dict of vmap axes, hashable so the `Program` can key the compile cache."""
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return _FrozenDict(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """Frozen vmap axes -> what `jax.vmap` takes."""
-    if isinstance(value, _FrozenDict):
-        return {k: thaw(v) for k, v in value}
-    if isinstance(value, tuple):
-        return tuple(thaw(v) for v in value)
-    return value
-
-
-@dataclass(frozen=True)
-class _Aval:
-    """Shape and dtype only: the per-example view of a vmapped argument, and what lets
-    `describe_array` describe tracers and ShapeDtypeStructs."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @classmethod
-    def of(cls, x: Any) -> _Aval:
-        return cls(tuple(x.shape), np.dtype(x.dtype))
-
-
-def _drop_axis(tree: Any, axes: Any) -> Any:
-    if isinstance(axes, _FrozenDict) and isinstance(tree, Mapping):
-        axes_by_key = dict(axes)
-        return {k: _drop_axis(v, axes_by_key.get(k)) for k, v in tree.items()}
-    if isinstance(axes, tuple) and isinstance(tree, (list, tuple)):
-        return type(tree)(_drop_axis(v, a) for v, a in zip(tree, axes, strict=False))
-    if isinstance(tree, Mapping):
-        return {k: _drop_axis(v, axes) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_drop_axis(v, axes) for v in tree)
-    if tree is None or not isinstance(axes, int) or not tree.shape:
-        return tree
-    shape = list(tree.shape)
-    if not -len(shape) <= axes < len(shape):  # a client's value: a 422, not an IndexError
-        raise InvalidInput(
-            f"vmap in_axes {axes} is out of range for an argument with {len(shape)} dimension(s)",
-            code="invalid_transform",
-            loc=("transforms",),
-        )
-    del shape[axes]
-    return _Aval(tuple(shape), tree.dtype)
-
-
-def per_example(args: tuple, transforms: Sequence[Transform]) -> tuple:
-    """What the model itself sees of `args`: each vmap in the chain strips its mapped axis.
-
-    The model's specs describe one example, so they are checked against this view.
-    """
-    for t in reversed(transforms):
-        if t.op == "vmap":
-            axes = t.in_axes if isinstance(t.in_axes, tuple) else (t.in_axes,) * len(args)
-            args = tuple(_drop_axis(a, ax) for a, ax in zip(args, axes, strict=False))
-    return args
 
 
 @dataclass(frozen=True)
@@ -143,6 +90,7 @@ class Program:
     apply: str = "eval"
     batched: bool = False
     hvp_mode: str = "fwd_rev"
+    hvp_argnums: int | tuple[int, ...] | None = None  # None: every argument, a block each
 
 
 def build_program(op: str, options: Mapping[str, Any], chain: Sequence[Transform] = ()) -> Program:
@@ -151,8 +99,13 @@ def build_program(op: str, options: Mapping[str, Any], chain: Sequence[Transform
     if op in ("eval", "call"):
         return Program(chain)
     if op in ("jvp", "vjp", "hvp"):
+        argnums = options.get("argnums") if op == "hvp" else None
         return Program(
-            chain, op, bool(options.get("batched", False)), options.get("mode") or "fwd_rev"
+            chain,
+            op,
+            bool(options.get("batched", False)),
+            options.get("mode") or "fwd_rev",
+            tuple(argnums) if isinstance(argnums, list) else argnums,
         )
     return Program((*chain, Transform.of(op, **options)))
 
@@ -175,7 +128,7 @@ def package(op: str, program: Program, out: Any) -> dict[str, Any]:
         return {"value": out[0], "tangent": out[1]}
     if op == "vjp":
         return {"value": out[0], "cotangents": list(out[1])}
-    return {"hvp": list(out)}
+    return {"hvp": out if isinstance(program.hvp_argnums, int) else list(out)}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -205,7 +158,7 @@ def _check_inputs(t: Transform, args: Sequence[Any], where: str) -> None:
             if not jnp.issubdtype(dtype, jnp.inexact):
                 raise InvalidInput(
                     f"{t.op} of {where} differentiates argument {n}, which is "
-                    f"{describe_array(_Aval.of(x))}; {t.op} needs real or complex inputs. "
+                    f"{describe_array(Aval.of(x))}; {t.op} needs real or complex inputs. "
                     "Pick float arguments with argnums.",
                     code="integer_input",
                     loc=("args", n),
@@ -213,7 +166,7 @@ def _check_inputs(t: Transform, args: Sequence[Any], where: str) -> None:
             if t.holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
                 raise InvalidInput(
                     f"{t.op} of {where} with holomorphic=True needs complex inputs; argument "
-                    f"{n} is {describe_array(_Aval.of(x))}",
+                    f"{n} is {describe_array(Aval.of(x))}",
                     code="holomorphic_real_input",
                     loc=("args", n),
                 )
@@ -229,7 +182,7 @@ def _check_scalar(t: Transform, f: Callable, args: Sequence[Any], where: str) ->
             )
         out = out[0]
     if not hasattr(out, "shape") or out.shape != ():
-        got = describe_array(_Aval.of(out)) if hasattr(out, "shape") else type(out).__name__
+        got = describe_array(Aval.of(out)) if hasattr(out, "shape") else type(out).__name__
         fix = {
             "hessian": "Use call with transforms [jacrev, jacfwd] for each output's Hessian.",
             "hvp": "hvp is the Hessian-vector product of a scalar function; use jvp or vjp.",
@@ -248,10 +201,41 @@ def _size(tree: Any) -> int:
 
 
 def apply_transform(f: Callable, t: Transform, where: str) -> Callable:
-    """`t` applied to `f`, with the checks of its level run when traced."""
-    if t.op == "vmap":
-        return jax.vmap(f, in_axes=thaw(t.in_axes), out_axes=thaw(t.out_axes))
+    """`t` applied to `f`, with the checks of its level run when traced.
 
+    An error JAX raises at this level (not one already worded by a level inside) is reworded
+    to name the transform, so a refused chain says which of its steps refused.
+    """
+    inner = (
+        _vmap(f, t)
+        if t.op == "vmap"
+        else _product(f, t, where)
+        if t.op in ("jvp", "vjp")
+        else _derivative(f, t, where)
+    )
+
+    def transformed(*args: Any) -> Any:
+        try:
+            return inner(*args)
+        except APIError:
+            raise
+        except Exception as e:  # JAX refusing the transform, or the model's own code
+            lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            code = "invalid_transform" if isinstance(e, TypeError) else "model_error"
+            raise InvalidInput(f"{t.op} of {where} failed: {lines[0][:500]}", code=code) from None
+
+    return transformed
+
+
+def _vmap(f: Callable, t: Transform) -> Callable:
+    def mapped(*args: Any) -> Any:
+        axes = thaw(t.in_axes)
+        return jax.vmap(f, in_axes=conform(axes, args), out_axes=thaw(t.out_axes))(*args)
+
+    return mapped
+
+
+def _derivative(f: Callable, t: Transform, where: str) -> Callable:
     def transformed(*args: Any) -> Any:
         argnums = _argnums(t, len(args), where)
         _check_inputs(t, args, where)
@@ -269,6 +253,76 @@ def apply_transform(f: Callable, t: Transform, where: str) -> Callable:
         return getattr(jax, op)(f, **options)(*args)
 
     return transformed
+
+
+def _partial(f: Callable, primals: tuple, nums: Sequence[int]) -> Callable:
+    """`f` as a function of the primals `nums` names only, the others held at their values."""
+
+    def part(*chosen: Any) -> Any:
+        full = list(primals)
+        for k, x in zip(nums, chosen, strict=True):
+            full[k] = x
+        return f(*full)
+
+    return part
+
+
+def _product(f: Callable, t: Transform, where: str) -> Callable:
+    """A chain `jvp` (n primals, then a tangent per differentiated primal -> [out, tangent])
+    or `vjp` (n primals, then one cotangent -> [out, cotangents]); `value=False` drops out."""
+    label = f"{t.op} of {where}"
+
+    def transformed(*args: Any) -> Any:
+        n = primal_count(t, len(args), where)
+        nums = product_argnums(t, n)
+        primals, rest = args[:n], args[n:]
+        chosen = tuple(primals[k] for k in nums)
+        part = _partial(f, primals, nums)
+        if t.op == "jvp":
+            tangents = tuple(
+                _like(x, v, label, f"tangent {k}", ("args", n + i))
+                for i, (k, x, v) in enumerate(zip(nums, chosen, rest, strict=True))
+            )
+            out, product = jax.jvp(part, chosen, tangents)
+        else:
+            out, pullback = jax.vjp(part, *chosen)
+            product = pullback(_like(out, rest[0], label, "cotangent", ("args", n)))
+            product = product[0] if isinstance(t.argnums, int) else list(product)
+        return (out, product) if t.value else product
+
+    return transformed
+
+
+def _like(primal: Any, given: Any, label: str, what: str, loc: tuple) -> Any:
+    """A tangent or cotangent for `primal`: its tree and shapes, its dtype (float or complex
+    widths may differ: cast), float0 zeros for integer leaves (JAX's, which no client can send).
+    """
+    want, treedef = jax.tree.flatten(primal)
+    got = jax.tree.leaves(given)
+    if len(got) != len(want):
+        raise InvalidInput(
+            f"{label}: {what} expects a tree of {len(want)} array(s) like "
+            f"{[describe_array(Aval.of(x)) for x in want]}, got {len(got)}",
+            code="tree_mismatch",
+            loc=loc,
+        )
+    out = []
+    for x, v in zip(want, got, strict=True):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            out.append(np.zeros(x.shape, jax.dtypes.float0))
+            continue
+        same_kind = jnp.issubdtype(v.dtype, jnp.complexfloating) == jnp.issubdtype(
+            x.dtype, jnp.complexfloating
+        ) and jnp.issubdtype(v.dtype, jnp.inexact)
+        if tuple(v.shape) != tuple(x.shape) or not same_kind:
+            raise InvalidInput(
+                f"{label}: {what} expects {describe_array(Aval.of(x))}, "
+                f"got {describe_array(Aval.of(v))}",
+                code="shape_mismatch" if same_kind else "dtype_mismatch",
+                loc=loc,
+            )
+        out.append(v.astype(x.dtype) if v.dtype != x.dtype else v)
+    return jax.tree.unflatten(treedef, out)
 
 
 def compose(f: Callable, transforms: Sequence[Transform], model: str) -> Callable:
@@ -309,6 +363,24 @@ def with_float0(args: tuple, tangents: tuple) -> tuple:
     )
 
 
+def _hvp_of(f: Callable, args: tuple, extra: tuple, program: Program, label: str) -> Any:
+    """The `hvp` application: blocks of H @ v for the arguments `argnums` names (all without)."""
+    nums = program.hvp_argnums
+    t = Transform("hvp", argnums=tuple(range(len(args))) if nums is None else nums)
+    chosen_nums = _argnums(t, len(args), label)
+    _check_inputs(t, args, label)
+    part = _partial(f, args, chosen_nums)
+    chosen = tuple(args[k] for k in chosen_nums)
+    _check_scalar(t, part, chosen, label)
+    tangents = tuple(extra[k] for k in chosen_nums)
+    mode = program.hvp_mode
+    if program.batched:
+        blocks = jax.vmap(lambda v: _hvp(part, chosen, v, mode))(tangents)
+    else:
+        blocks = _hvp(part, chosen, tangents, mode)
+    return blocks[0] if isinstance(nums, int) else tuple(blocks)
+
+
 def program_function(fn: Callable, program: Program, model: str) -> Callable:
     """`(params, args, extra) -> output`: the function the engine jit-compiles for `program`.
 
@@ -334,12 +406,6 @@ def program_function(fn: Callable, program: Program, model: str) -> Callable:
                 return pullback(jax.tree.unflatten(treedef, jax.tree.leaves(cotangent)))
 
             return value, (jax.vmap(pull)(extra) if program.batched else pull(extra))
-        label = _label(model, program.transforms)
-        every = Transform("hvp", argnums=tuple(range(len(args))))
-        _check_inputs(every, args, label)
-        _check_scalar(every, f, args, label)
-        if not program.batched:
-            return _hvp(f, args, extra, program.hvp_mode)
-        return jax.vmap(lambda t: _hvp(f, args, t, program.hvp_mode))(extra)
+        return _hvp_of(f, args, extra, program, _label(model, program.transforms))
 
     return run

@@ -166,6 +166,13 @@ def test_jacobians_and_hessians(h: Harness) -> None:
         jax.jacfwd(jax.jacrev(cb.logistic_predict, (0, 1)), (0, 1))(W, b),
     )
     assert_tree_close(h(hessian(loss, (0, 1))(W, b)), jax.hessian(cb.logistic_loss, (0, 1))(W, b))
+    # jax.hessian of any output: a vector output, tuple argnums nesting as tuples of tuples
+    assert_tree_close(h(hessian(f)(W, b)), jax.hessian(cb.logistic_predict)(W, b))
+    assert_tree_close(h(hessian(f, (0, 1))(W, b)), jax.hessian(cb.logistic_predict, (0, 1))(W, b))
+    assert_tree_close(
+        h(vmap(hessian(f), (0, None))(np.stack([W, 2 * W]), b)),
+        jax.vmap(jax.hessian(cb.logistic_predict), (0, None))(np.stack([W, 2 * W]), b),
+    )
 
 
 def test_jvp_vjp_linearize(h: Harness) -> None:
@@ -203,6 +210,18 @@ def test_hvp_modes(h: Harness) -> None:
         h(hvp(loss, (W, b), v, argnums=(0, 1))),
         jax.jvp(jax.grad(cb.logistic_loss, (0, 1)), (W, b), v)[1],
     )
+    # In x only: mlp_loss's labels are int32, and their tangent is ignored.
+    x = RNG.standard_normal((3, 784)).astype(np.float32)
+    y = np.array([1, 7, 3], np.int32)
+    vx = RNG.standard_normal((3, 784)).astype(np.float32)
+    params = cb.mlp_init(jax.random.PRNGKey(0))
+    want = jax.jvp(jax.grad(lambda x: cb.mlp_loss(params, x, y)), (x,), (vx,))[1]
+    mlp_loss = h.model("mlp_loss")  # fetches the spec
+    before = len(h.requests)
+    for mode in ("fwd_rev", "rev_fwd", "rev_rev"):
+        got = h(hvp(mlp_loss, (x, y), (vx, 0), mode=mode))
+        assert_tree_close(got, want, rtol=2e-4, atol=1e-6)
+    assert len(h.requests) - before == 3
 
 
 def test_vmap(h: Harness) -> None:

@@ -123,12 +123,13 @@ def test_in10_to_in12_jacobians_and_hessian(c: Client, keys: dict) -> None:
     J_W, J_b = jacrev(f, (0, 1))(W, b)  # In[11]: the seed's dict {'W', 'b'}, here argnums
     printed(J_W, JAC)
     printed(J_b, [0.11503381, 0.04563541, 0.23439017, 0.00189771])
-    H = jacfwd(jacrev(f))(W, b)  # In[12]
-    assert H.shape == (4, 3, 3)
-    printed(H[0, 0], [0.02285465, 0.04922541, 0.03384247])
-    printed(H[1, 2], [-0.00544639, 0.00668421, -0.00092836])
-    printed(H[3, 1], [0.00348343, -0.01172127, 0.0065432])
-    local(H, jax.jacfwd(jax.jacrev(cb.logistic_predict))(W, b))
+    # In[12]: `def hessian(f): return jacfwd(jacrev(f))`, `H = hessian(f)(W)`: both ways
+    for H in (hessian(f)(W, b), jacfwd(jacrev(f))(W, b)):
+        assert H.shape == (4, 3, 3)
+        printed(H[0, 0], [0.02285465, 0.04922541, 0.03384247])
+        printed(H[1, 2], [-0.00544639, 0.00668421, -0.00092836])
+        printed(H[3, 1], [0.00348343, -0.01172127, 0.0065432])
+        local(H, jax.hessian(cb.logistic_predict)(W, b))
 
 
 def test_in14_to_in16_jvp_vjp(c: Client, keys: dict) -> None:

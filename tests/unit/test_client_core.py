@@ -202,9 +202,13 @@ def test_results_keep_jax_structure() -> None:
     assert isinstance(grad(loss, [0, 1])(np.zeros(3), 0.0), tuple)
     value, grads = value_and_grad(loss, (0, 1))(np.zeros(3), 0.0)
     assert value.shape == () and isinstance(grads, tuple)
-    server.reply = lambda r: httpx.Response(200, json={"hvp": [leaf([1, 2, 3]), leaf(4.0)]})
+    # hvp sends argnums; the server answers that block alone, or a list for a tuple.
+    server.reply = lambda r: httpx.Response(200, json={"hvp": leaf([1, 2, 3])})
     assert hvp(loss, (np.zeros(3), 0.0), (np.ones(3), 1.0)).shape == (3,)
+    assert json.loads(server.posts[-1].content)["argnums"] == 0
+    server.reply = lambda r: httpx.Response(200, json={"hvp": [leaf([1, 2, 3]), leaf(4.0)]})
     assert isinstance(hvp(loss, (np.zeros(3), 0.0), (np.ones(3), 1.0), argnums=(0, 1)), tuple)
+    assert json.loads(server.posts[-1].content)["argnums"] == [0, 1]
 
 
 # ---------------------------------------------------------------------------- errors
