@@ -37,7 +37,7 @@ from service.registry import Model
 from service.settings import Settings
 from service.state import State
 from service.transforms import package
-from service.umbridge_layout import Catalog, Layout
+from service.umbridge_layout import Catalog, Layout, as_document
 
 PROTOCOL_VERSION = 1.0
 
@@ -266,6 +266,23 @@ def _apply_jacobian(doc: dict, layout: Layout, args: list, name: str) -> tuple[d
     return {"args": args, "tangents": layout.tangents(in_wrt, vec)}, out_wrt
 
 
+def _apply_hessian(doc: dict, layout: Layout, args: list, name: str) -> tuple[dict, Any]:
+    # The jvp of a pullback: the cotangent of input inWrt1 for `sens` on output outWrt,
+    # differentiated along `vec` on input inWrt2 (sum_k sens_k d2 f_k / dx1 dx2 . vec).
+    out_wrt = _index(doc, "outWrt", len(layout.outputs), "output", name)
+    in_wrt1 = _index(doc, "inWrt1", len(layout.inputs), "input", name)
+    in_wrt2 = _index(doc, "inWrt2", len(layout.inputs), "input", name)
+    sens = _sized(doc.get("sens"), layout.output_sizes[out_wrt], "sens", name)
+    vec = _sized(doc.get("vec"), layout.input_sizes[in_wrt2], "vec", name)
+    tangent = as_document(layout.inputs[in_wrt2].unflatten(vec, "vec"))
+    transforms = [
+        {"op": "vjp", "argnums": in_wrt1, "value": False},
+        {"op": "jvp", "argnums": in_wrt2, "value": False},
+    ]
+    native = {"args": [*args, layout.cotangent(out_wrt, sens), tangent], "transforms": transforms}
+    return native, in_wrt1
+
+
 def _output_of(op: str, fields: dict[str, Any], layout: Layout, pick: Any) -> Any:
     if op == "Evaluate":
         return [
@@ -273,6 +290,8 @@ def _output_of(op: str, fields: dict[str, Any], layout: Layout, pick: Any) -> An
         ]
     if op == "Gradient":
         return layout.inputs[pick].flatten(fields["cotangents"][pick])
+    if op == "ApplyHessian":
+        return layout.inputs[pick].flatten(fields["value"])
     return layout.outputs[pick].flatten(layout.split_output(fields["tangent"])[pick])
 
 
@@ -280,6 +299,7 @@ _OPS: dict[str, tuple[str, Builder]] = {
     "Evaluate": ("eval", _evaluate),
     "Gradient": ("vjp", _gradient),
     "ApplyJacobian": ("jvp", _apply_jacobian),
+    "ApplyHessian": ("call", _apply_hessian),
 }
 
 

@@ -29,6 +29,10 @@ from service.registry import Config, Model
 log = logging.getLogger("gradserve")
 
 
+class NotMappable(Exception):
+    """The model's sizes are not known without a request, so UM-Bridge cannot list it."""
+
+
 @dataclass(frozen=True)
 class Part:
     """One UM-Bridge vector: a pytree of arrays, flattened."""
@@ -170,10 +174,10 @@ def as_document(tree: Any) -> Any:
 
 
 def _input_example(spec: Any, x64: bool, where: str) -> Any:
-    """A spec tree -> ShapeDtypeStructs, or `ValueError` saying why sizes are not fixed."""
+    """A spec tree -> ShapeDtypeStructs, or `NotMappable` saying why sizes are not fixed."""
     if isinstance(spec, ArraySpec):
         if spec.shape is None or any(d is None for d in spec.shape):
-            raise ValueError(f"{where} has no fixed shape ({spec.describe()})")
+            raise NotMappable(f"{where} has no fixed shape ({spec.describe()})")
         if spec.dtype is None:
             dtype = np.dtype(np.float64 if x64 else np.float32)
         else:
@@ -183,21 +187,21 @@ def _input_example(spec: Any, x64: bool, where: str) -> Any:
         return {k: _input_example(v, x64, where) for k, v in spec.items()}
     if isinstance(spec, (list, tuple)):
         return type(spec)(_input_example(v, x64, where) for v in spec)
-    raise ValueError(f"{where} has no declared spec")
+    raise NotMappable(f"{where} has no declared spec")
 
 
 def build_layout(model: Model, config: Config, x64: bool) -> Layout:
     """The layout of `model` at `config` (JAX tracing: call it off the event loop).
 
-    `ValueError` saying why when the sizes are not known without a request.
+    `NotMappable` saying why when the sizes are not known without a request.
     """
     specs = model.spec.inputs
     if not specs:
-        raise ValueError("it declares no input specs")
+        raise NotMappable("it declares no input specs")
     examples = [_input_example(s, x64, f"input {i}") for i, s in enumerate(specs)]
     out = jax.eval_shape(model.bound(config), model.params, *examples)
     if not all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(out)):
-        raise ValueError("its output holds values that are not arrays")
+        raise NotMappable("its output holds values that are not arrays")
     sequence = isinstance(out, (tuple, list))
     outputs = tuple(Part.of(e) for e in out) if sequence else (Part.of(out),)
     return Layout(tuple(Part.of(e) for e in examples), outputs, sequence)
@@ -222,17 +226,27 @@ class Catalog:
             return found
 
     def layout(self, model: Model, config: Config) -> Layout | str:
-        """The layout, or a sentence saying why the model has none (blocking: JAX tracing)."""
+        """The layout, or a sentence saying why the model has none (blocking: JAX tracing).
+
+        The model's own code failing to trace at a client's config is that model's error
+        (`InvalidInput` with code `model_error`); at its defaults, it is not listed.
+        """
         found = self.cached(model, config)
         if found is not None:
             return found
         try:
             found = build_layout(model, config, self.x64)
-        except ValueError as e:
+        except NotMappable as e:
             found = str(e)
-        except Exception as e:  # the model's own code failed to trace: not servable here
-            log.warning("UM-Bridge: cannot trace %r: %s", model.name, e)
-            found = f"tracing it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        except Exception as e:
+            message = (str(e).splitlines() or [type(e).__name__])[0][:500]
+            if config:
+                raise InvalidInput(
+                    f"'{model.name}' failed with config {dict(config)}: {message}",
+                    code="model_error",
+                ) from None
+            log.warning("UM-Bridge: cannot trace %r: %s", model.name, message)
+            found = f"tracing it failed: {message}"
         with self._lock:
             self._layouts[(model.name, config)] = found
             while len(self._layouts) > self.max_entries:
