@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from client import wire
 from client.errors import InvalidInput, ModelNotFound
 from service import codec, limits
-from service.calls import prepare
+from service.calls import Call, prepare
 from service.errors import UMBRIDGE_OPS
 from service.registry import Model
 from service.settings import Settings
@@ -68,8 +68,8 @@ def _unsupported(message: str) -> InvalidInput:
 # ---------------------------------------------------------------------------- reading
 
 
-async def _document(request: Request, settings: Settings) -> dict[str, Any]:
-    """The body as a JSON object, whatever its Content-Type; size limits as on /v1."""
+async def _document(request: Request, settings: Settings) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object, whatever its Content-Type, and its size; limits as on /v1."""
     body = await codec.read_body(request, settings)
     _state(request).metrics.bytes_in.inc(len(body))
 
@@ -89,7 +89,7 @@ async def _document(request: Request, settings: Settings) -> dict[str, Any]:
     doc = parse() if len(body) < _INLINE_BYTES else await run_in_threadpool(parse)
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object", code="invalid_request")
-    return doc
+    return doc, len(body)
 
 
 def _model(state: State, doc: dict[str, Any]) -> Model:
@@ -108,9 +108,9 @@ def _model(state: State, doc: dict[str, Any]) -> Model:
         ) from None
 
 
-async def _layout(request: Request, model: Model, config: Any) -> tuple[Layout, Any]:
-    """The model's layout at the request's `config` (checked), and that config."""
-    resolved = model.spec.resolve_config({} if config is None else config)
+async def _layout(request: Request, model: Model, config: Any) -> Layout:
+    """The model's layout at the request's `config` (checked first)."""
+    resolved = model.spec.resolve_config(config)
     catalog = _catalog(request)
     found = catalog.cached(model, resolved)
     if found is None:
@@ -121,7 +121,7 @@ async def _layout(request: Request, model: Model, config: Any) -> tuple[Layout, 
             f"output sizes known in advance: {found}",
             code="model_not_found",
         )
-    return found, config
+    return found
 
 
 def _show(value: Any) -> str:
@@ -146,7 +146,10 @@ def _index(doc: dict[str, Any], key: str, count: int, what: str, model: str) -> 
 def _vector(value: Any, what: str) -> np.ndarray:
     """A list of numbers -> float64; anything else is an `InvalidInput` naming `what`."""
     if isinstance(value, list):
-        array = np.asarray(value) if value else np.zeros(0)
+        try:
+            array = np.asarray(value) if value else np.zeros(0)
+        except (ValueError, TypeError):  # ragged nesting
+            array = np.zeros((0, 0))
         if array.ndim == 1 and array.dtype.kind in "if":
             return array.astype(np.float64)
     raise InvalidInput(f"{what} must be a list of numbers, got {_show(value)}")
@@ -219,25 +222,25 @@ async def info(request: Request) -> Response:
 @router.post("/ModelInfo")
 async def model_info(request: Request) -> Response:
     state = _state(request)
-    doc = await _document(request, state.settings)
+    doc, _ = await _document(request, state.settings)
     model = _model(state, doc)
-    layout, _ = await _layout(request, model, doc.get("config"))
+    layout = await _layout(request, model, doc.get("config"))
     return _json({"support": layout.support()})
 
 
 @router.post("/InputSizes")
 async def input_sizes(request: Request) -> Response:
     state = _state(request)
-    doc = await _document(request, state.settings)
-    layout, _ = await _layout(request, _model(state, doc), doc.get("config"))
+    doc, _ = await _document(request, state.settings)
+    layout = await _layout(request, _model(state, doc), doc.get("config"))
     return _json({"inputSizes": layout.input_sizes})
 
 
 @router.post("/OutputSizes")
 async def output_sizes(request: Request) -> Response:
     state = _state(request)
-    doc = await _document(request, state.settings)
-    layout, _ = await _layout(request, _model(state, doc), doc.get("config"))
+    doc, _ = await _document(request, state.settings)
+    layout = await _layout(request, _model(state, doc), doc.get("config"))
     return _json({"outputSizes": layout.output_sizes})
 
 
@@ -308,30 +311,41 @@ async def _compute(request: Request, op: str) -> Response:
     state = _state(request)
     state.raise_unless_ready()
     settings = state.settings
-    doc = await _document(request, settings)
+    doc, size = await _document(request, settings)
     model = _model(state, doc)
     request.scope["gradserve.labels"] = (model.name, op)
-    layout, config = await _layout(request, model, doc.get("config"))
+    config = doc.get("config")
+    layout = await _layout(request, model, config)
     if not layout.support()[op]:
         raise _unsupported(
             f"{op} is not supported by '{model.name}': derivatives need real floating-point "
             "inputs and outputs (complex and integer ones are served for Evaluate only)"
         )
     native_op, build = _OPS[op]
-    with state.engine.arriving(model.name):
+
+    def translate() -> tuple[Call, Any]:
         args = layout.arguments(_inputs(doc, layout, model.name))
         native, pick = build(doc, layout, args, model.name)
         if config is not None:
             native["config"] = config
-        call = prepare(model, native_op, native, settings)
+        return prepare(model, native_op, native, settings), pick
+
+    # As on /v1: while this request is decoded, a worker holding others of its model may wait
+    # for it to join their batch.
+    with state.engine.arriving(model.name):
+        call, pick = translate() if size < _INLINE_BYTES else await run_in_threadpool(translate)
         request.app.state.shape_budget.admit(call)
         decoded = time.perf_counter()
         result = state.engine.submit(call)
     outcome = await result
     encode_start = time.perf_counter()
-    fields = package(call.op, call.program, outcome.value)
-    output = _output_of(op, fields, layout, pick)
-    content = _answer({"output": output})
+
+    def encode() -> bytes:
+        fields = package(call.op, call.program, outcome.value)
+        return _answer({"output": _output_of(op, fields, layout, pick)})
+
+    big = 24 * sum(layout.output_sizes) >= _INLINE_BYTES  # ~24 bytes a float64 in JSON
+    content = await run_in_threadpool(encode) if big else encode()
     metrics = state.metrics
     decode_s, encode_s = decoded - received, time.perf_counter() - encode_start
     metrics.phases["decode"].observe(decode_s)

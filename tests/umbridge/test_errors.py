@@ -94,6 +94,9 @@ def test_shared_memory_is_refused_and_clients_fall_back_to_http(post, umbridge_s
         ("/Evaluate", {"name": "donut", "input": [1.0]}, ["input 0", "list of numbers"]),
         ("/Evaluate", {"name": "donut", "input": [["a", "b"]]}, ["input 0", "list of numbers"]),
         ("/Evaluate", {"name": "donut", "input": [[[1.0], [2.0]]]}, ["list of numbers"]),
+        ("/Evaluate", {"name": "donut", "input": [[1.0, [2.0, 3.0]]]}, ["list of numbers"]),
+        ("/Evaluate", {"name": "donut", "input": [[1.0, None]]}, ["list of numbers"]),
+        ("/Evaluate", {"name": "donut", "input": [[1.0, 10**400]]}, ["list of numbers"]),
         ("/Evaluate", {"name": 3}, ["'name'"]),
         ("/Evaluate", [1, 2], ["JSON object"]),
         ("/Evaluate", "{not json", ["malformed JSON"]),
@@ -238,7 +241,11 @@ _fields = st.fixed_dictionaries(
         "name": st.sampled_from(["donut", "two_outputs", "scaled_counts", "cholesky_loss", "x"])
         | _json,
         "input": st.lists(
-            st.lists(st.floats(width=32) | st.integers(-3, 3), max_size=5), max_size=3
+            st.lists(
+                st.floats(width=32) | st.integers(-3, 3) | st.lists(st.floats(), max_size=2),
+                max_size=5,
+            ),
+            max_size=3,
         )
         | _json,
         "outWrt": st.integers(-2, 3) | _json,
