@@ -103,7 +103,7 @@ def _model(state: State, doc: dict[str, Any]) -> Model:
         return state.registry.get(name)
     except ModelNotFound:
         raise ModelNotFound(
-            f"no model named {name!r}; GET /Info lists the models served over UM-Bridge",
+            f"no model named {_show(name)}; GET /Info lists the models served over UM-Bridge",
             code="model_not_found",
         ) from None
 

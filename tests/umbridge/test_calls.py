@@ -4,9 +4,11 @@ benchmark and the test models, every output and input index, config, float64 und
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
+import requests
 import umbridge
 from umbridge_util import BENCHMARKS, DOCUMENTED, REAL_MODELS, Local, tolerance
 
@@ -135,3 +137,22 @@ def test_cookbook_loss_matches_the_seed(url):
     w, b = [-0.36838785, -2.275689, 0.01144757], [0.8535516]
     assert INPUTS.shape == (4, 3)
     assert loss([w, b])[0][0] == pytest.approx(3.0519385, rel=1e-6)
+
+
+def _compiles(url: str, model: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    found = re.search(rf'^gradserve_compiles_total{{model="{model}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_each_config_value_compiles_once(url):
+    model = umbridge.HTTPModel(url, "two_outputs")
+    points = [[0.5, -1.5], [0.1, 0.2, 0.3, 2.0]]
+    model(points, {"power": 4})  # Evaluate at a new config value: one compile
+    before = _compiles(url, "two_outputs")
+    for _ in range(3):
+        model(points, {"power": 4})
+    model([[1.0, 1.0], [0.0, 0.0, 0.0, 1.0]], {"power": 4})  # same shapes: cached
+    assert _compiles(url, "two_outputs") == before
+    model(points, {"power": 5})
+    assert _compiles(url, "two_outputs") == before + 1
