@@ -64,3 +64,16 @@ def sleepy2(x: jax.Array) -> jax.Array:
 @model("logs", inputs=[((2,), "float32")], description="jnp.log(x): NaN and -inf for x <= 0")
 def logs(x: jax.Array) -> jax.Array:
     return jnp.log(x)
+
+
+@model(
+    "held_affine",
+    inputs=[((3,), "float32")],
+    params={
+        "A": np.array([[0.5, -1.0, 0.25], [1.5, 0.2, -0.3]], np.float32),
+        "c": np.array([0.1, -0.2], np.float32),
+    },
+    description="tanh(A x + c) with A and c held by the server",
+)
+def held_affine(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    return jnp.tanh(params["A"] @ x + params["c"]) ** 2

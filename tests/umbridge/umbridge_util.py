@@ -30,6 +30,7 @@ REAL_MODELS = (
     "logistic_loss_dict",
     "piecewise",
     "two_outputs",
+    "held_affine",
     *BENCHMARKS,
 )
 # UM-Bridge/benchmarks' own output tests (benchmarks/analytic-*/test_output.py): input, value.
@@ -67,9 +68,11 @@ class Local:
     x64: bool = True  # the server's --x64: the dtype of inputs that declare none
 
     def __post_init__(self) -> None:
-        spec = registry().get(self.name).spec
+        model = registry().get(self.name)
+        spec = model.spec
         values = {o.name: o.default for o in spec.config} | self.config
-        self.fn = functools.partial(spec.fn, **values)
+        held = (model.params,) if model.has_params else ()  # parameters the server holds
+        self.fn = functools.partial(spec.fn, *held, **values)
         with jax.enable_x64(self.x64):
             raveled = [ravel_pytree(_example(s, self.x64)) for s in spec.inputs]
             self.dtypes = [flat.dtype for flat, _ in raveled]
