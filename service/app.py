@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import auth, errors, pages
+from service import auth, errors, pages, umbridge
 from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(router)
+    umbridge.install(app, settings)  # UM-Bridge 1.0 at the root paths
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
     keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
     pages.install(app, with_keys=bool(keyring))

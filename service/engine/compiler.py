@@ -32,6 +32,7 @@ class CacheKey:
     device: int
     avals: tuple
     bucket: int = 0  # 0: unbatched; else the padded batch size of a vmapped executable
+    config: tuple = ()  # the model's static options (Call.config)
 
 
 class CompileCache:
@@ -118,7 +119,7 @@ class Compiler:
         if not bucket:
             self._raise_if_refused(key)
         t0 = time.perf_counter()
-        fn = program_function(model.bound(), call.program, model.name)
+        fn = program_function(model.bound(call.config), call.program, model.name)
         if bucket:
             stacked = jax.vmap(fn, in_axes=(None, 0, 0))
             compiled = _lower(stacked, device, params, args, extra).compile()
@@ -168,7 +169,9 @@ class Compiler:
     def _key(call: Call, device: jax.Device, args: Any, extra: Any, bucket: int) -> CacheKey:
         avals = avals_key((args, extra)) if bucket else call.signature[1]
         model = call.model
-        return CacheKey(model.name, model.spec.version, call.program, device.id, avals, bucket)
+        return CacheKey(
+            model.name, model.spec.version, call.program, device.id, avals, bucket, call.config
+        )
 
     def _check_output_size(self, call: Call, out: Any) -> None:
         size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out))
@@ -182,7 +185,7 @@ class Compiler:
 
     def _check_cotangent(self, call: Call, params: Any, args: tuple) -> None:
         """The cotangent must match the output of the function being pulled back."""
-        bound = call.model.bound()
+        bound = call.model.bound(call.config)
         f = compose(lambda *a: bound(params, *a), call.program.transforms, call.model.name)
         function_output = jax.eval_shape(f, *args)
         batched = call.program.batched
