@@ -28,7 +28,7 @@ _NO_SESSION = ("session_too_large", "op_not_found")
 _MISS = object()  # a product the session could not serve: recompute statelessly
 
 # Per client: ids of sessions whose functions were garbage collected, deleted (best effort)
-# with that client's next session request. A finalizer must not send anything itself: it
+# when that client next opens or closes one (so a product stays one request). A finalizer must not send anything itself: it
 # may run inside a request of the same thread, holding the connection pool's lock.
 _collected: weakref.WeakKeyDictionary[Core, list[str]] = weakref.WeakKeyDictionary()
 
@@ -120,7 +120,6 @@ class Session:
         """The session's `jvp` (extra: a tangent per primal) or `vjp` (extra: a cotangent),
         restored to JAX's structure; `MISS` when the session is gone."""
         core = self.core
-        yield from _flush(core)
         if not self.active:
             return _MISS
         if self.id is None:  # the last one was gone: open a new one

@@ -358,7 +358,9 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
     """`{"id", "model", "expires_in_s", "bytes"}`; does not renew the TTL."""
     request.scope["gradserve.labels"] = ("-", "session")
     store = _state(request).engine.sessions
-    return store.get(session_id, owner_of(request), renew=False).describe(store.clock())
+    session = store.get(session_id, owner_of(request), renew=False)
+    request.scope["gradserve.labels"] = (session.model.name, "session")
+    return session.describe(store.clock())
 
 
 @router.delete(
@@ -371,5 +373,6 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
 async def delete_session(session_id: str, request: Request) -> Response:
     """204; the residuals are freed at once (or as the last product running on them ends)."""
     request.scope["gradserve.labels"] = ("-", "session")
-    _state(request).engine.sessions.delete(session_id, owner_of(request))
+    name = _state(request).engine.sessions.delete(session_id, owner_of(request))
+    request.scope["gradserve.labels"] = (name, "session")
     return Response(status_code=204)

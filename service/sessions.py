@@ -184,12 +184,14 @@ class SessionStore:
                 self.metrics.session_hits.inc()
             return session
 
-    def delete(self, session_id: str, owner: str) -> None:
-        """Forget the session now; its residuals are freed once no product still runs on them."""
+    def delete(self, session_id: str, owner: str) -> str:
+        """Forget the session now (its residuals are freed once no product still runs on
+        them); the name of its model."""
         session = self.get(session_id, owner, renew=False)
         with self._lock:
             if session.id in self._by_id:
                 self._remove(session, "deleted")
+        return session.model.name
 
     # -- housekeeping ---------------------------------------------------------------------
 
