@@ -13,6 +13,7 @@ Like everything in the client, these are flows (`client._core`), run by `Client`
 from __future__ import annotations
 
 import inspect
+import secrets
 import weakref
 from typing import Any
 
@@ -23,6 +24,9 @@ from client._core import Core, Flow, HTTPRequest
 from client._remote import Pullback, Pushforward, RemoteFunction, _Bound, _moveaxis_tree
 from client.errors import APIError, GradserveError
 
+# Requests with the same value of this header go to the same replica under `gradserve serve
+# --ray` (Ray Serve's consistent-hash routing): a session's linearize and its products send one.
+AFFINITY_HEADER = "X-Session-ID"
 # Codes after which the function works statelessly: the server keeps no session for it.
 _NO_SESSION = ("session_too_large", "op_not_found")
 _MISS = object()  # a product the session could not serve: recompute statelessly
@@ -30,30 +34,33 @@ _MISS = object()  # a product the session could not serve: recompute statelessly
 # Per client: ids of sessions whose functions were garbage collected, deleted (best effort)
 # when that client next opens or closes one (so a product stays one request). A finalizer must not send anything itself: it
 # may run inside a request of the same thread, holding the connection pool's lock.
-_collected: weakref.WeakKeyDictionary[Core, list[str]] = weakref.WeakKeyDictionary()
+_collected: weakref.WeakKeyDictionary[Core, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
-def _garbage(core: Core) -> list[str]:
+def _garbage(core: Core) -> list[tuple[str, str]]:
     return _collected.setdefault(core, [])
 
 
-def _forget(garbage: list[str], box: list[str | None]) -> None:
+def _forget(garbage: list[tuple[str, str]], box: list[str | None], affinity: str) -> None:
     if box[0] is not None:
-        garbage.append(box[0])
+        garbage.append((box[0], affinity))
 
 
 def _flush(core: Core) -> Flow:
     """Delete the sessions of collected functions; failures are ignored (they expire anyway)."""
     garbage = _collected.get(core)
     while garbage:
-        path = f"/v1/sessions/{garbage.pop()}"
+        session_id, affinity = garbage.pop()
+        headers = {**core.headers, AFFINITY_HEADER: affinity}
         try:
-            yield HTTPRequest("DELETE", path, dict(core.headers), None, core.timeout)
+            yield HTTPRequest("DELETE", f"/v1/sessions/{session_id}", headers, None, core.timeout)
         except GradserveError:
             return
 
 
-def _post(core: Core, path: str, arrays: dict[str, Any], fields: dict[str, Any]) -> Flow:
+def _post(
+    core: Core, path: str, arrays: dict[str, Any], fields: dict[str, Any], affinity: str
+) -> Flow:
     """POST a session request, JSON or npz as `core.post` would choose; the decoded document."""
     size = _trees.nbytes(arrays)
     encoding = core.encoding
@@ -69,7 +76,7 @@ def _post(core: Core, path: str, arrays: dict[str, Any], fields: dict[str, Any])
             **({"binary": True} if binary else {}),
         }
         content, media = wire.dumps(body), wire.JSON
-    headers = {**core.headers, "Content-Type": media, "Accept": media}
+    headers = {**core.headers, "Content-Type": media, "Accept": media, AFFINITY_HEADER: affinity}
     response = yield from core.exchange(HTTPRequest("POST", path, headers, content))
     kind = response.headers.get("content-type", wire.JSON).split(";")[0].strip()
     return wire.load_npz(response.content) if kind == wire.NPZ else wire.loads(response.content)
@@ -94,7 +101,8 @@ class Session:
         self.argnums = tuple(i for i, ok in enumerate(inexact) if ok)
         self.active = bool(self.argnums)  # False: stateless from now on
         self._id: list[str | None] = [None]  # a box the finalizer reads when it runs
-        weakref.finalize(self, _forget, _garbage(self.core), self._id)
+        self.affinity = secrets.token_urlsafe(12)  # one replica for all of its requests
+        weakref.finalize(self, _forget, _garbage(self.core), self._id, self.affinity)
 
     @property
     def id(self) -> str | None:
@@ -112,6 +120,7 @@ class Session:
             f"/v1/models/{self.fn.model}/linearize",
             {"args": list(self.primals)},
             fields,
+            self.affinity,
         )
         self._id[0] = str(doc["session"]["id"])
         return wire.decode_tree(doc["value"])
@@ -136,9 +145,8 @@ class Session:
         else:
             arrays = {"cotangent": _trees.prepare(extra)}
         try:
-            doc = yield from _post(
-                core, f"/v1/sessions/{self.id}/{kind}", arrays, {"batched": True} if batched else {}
-            )
+            path, fields = f"/v1/sessions/{self.id}/{kind}", {"batched": True} if batched else {}
+            doc = yield from _post(core, path, arrays, fields, self.affinity)
         except APIError as e:
             if e.code != "session_not_found":
                 raise
@@ -162,9 +170,9 @@ class Session:
         yield from _flush(self.core)
         if session_id is not None:
             try:
-                yield from self.core.exchange(
-                    HTTPRequest("DELETE", f"/v1/sessions/{session_id}", dict(self.core.headers))
-                )
+                headers = {**self.core.headers, AFFINITY_HEADER: self.affinity}
+                path = f"/v1/sessions/{session_id}"
+                yield from self.core.exchange(HTTPRequest("DELETE", path, headers))
             except APIError as e:
                 if e.code != "session_not_found":
                     raise
