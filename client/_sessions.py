@@ -59,13 +59,19 @@ def _flush(core: Core) -> Flow:
 
 
 def _post(
-    core: Core, path: str, arrays: dict[str, Any], fields: dict[str, Any], affinity: str
+    core: Core,
+    path: str,
+    arrays: dict[str, Any],
+    fields: dict[str, Any],
+    affinity: str,
+    answer_guess: int,
 ) -> Flow:
     """POST a session request, JSON or npz as `core.post` would choose; the decoded document."""
     size = _trees.nbytes(arrays)
-    encoding = core.encoding
+    encoding = answer = core.encoding
     if encoding == "auto":
         encoding = "npz" if size >= core.npz_threshold else "json"
+        answer = "npz" if max(size, answer_guess) >= core.npz_threshold else "json"
     if encoding == "npz":
         content, media = wire.dump_npz({**wire.npz_ready(arrays), **fields}), wire.NPZ
     else:
@@ -76,7 +82,8 @@ def _post(
             **({"binary": True} if binary else {}),
         }
         content, media = wire.dumps(body), wire.JSON
-    headers = {**core.headers, "Content-Type": media, "Accept": media, AFFINITY_HEADER: affinity}
+    accept = wire.NPZ if answer == "npz" else wire.JSON
+    headers = {**core.headers, "Content-Type": media, "Accept": accept, AFFINITY_HEADER: affinity}
     response = yield from core.exchange(HTTPRequest("POST", path, headers, content))
     kind = response.headers.get("content-type", wire.JSON).split(";")[0].strip()
     return wire.load_npz(response.content) if kind == wire.NPZ else wire.loads(response.content)
@@ -121,6 +128,7 @@ class Session:
             {"args": list(self.primals)},
             fields,
             self.affinity,
+            _trees.nbytes(self.primals),
         )
         self._id[0] = str(doc["session"]["id"])
         return wire.decode_tree(doc["value"])
@@ -140,13 +148,27 @@ class Session:
                 self.active = False
                 return _MISS
         if kind == "jvp":
+            if len(extra) != len(self.primals):
+                raise TypeError(
+                    f"the pushforward takes one tangent per primal ({len(self.primals)}), "
+                    f"got {len(extra)}"
+                )
             specs = _trees.dtype_specs(self.primals)
             arrays = {"tangents": [_trees.prepare(extra[k], specs[k]) for k in self.argnums]}
         else:
             arrays = {"cotangent": _trees.prepare(extra)}
+        leading = [x.shape[0] for x in _trees.leaves(arrays) if batched and x.ndim]
+        batch = tuple(leading[:1])  # (B,) when batched
+        # The answer's size, to choose its encoding: tangents like their inputs, cotangents
+        # like the linearized primals.
+        guess = (
+            _trees.nbytes(arrays)
+            if kind == "jvp"
+            else int(np.prod(batch)) * _trees.nbytes([self.primals[k] for k in self.argnums])
+        )
         try:
             path, fields = f"/v1/sessions/{self.id}/{kind}", {"batched": True} if batched else {}
-            doc = yield from _post(core, path, arrays, fields, self.affinity)
+            doc = yield from _post(core, path, arrays, fields, self.affinity, guess)
         except APIError as e:
             if e.code != "session_not_found":
                 raise
@@ -157,7 +179,6 @@ class Session:
         if kind == "jvp":
             return _trees.restore(wire.decode_tree(doc["tangent"]), template)
         given = iter(wire.decode_tree(doc["cotangents"]))
-        batch = (_trees.leaves(arrays)[0].shape[0],) if batched else ()
         full = [
             next(given) if k in self.argnums else _float0_stand_in(p, batch)
             for k, p in enumerate(self.primals)

@@ -127,8 +127,10 @@ def owner_of(request: Request) -> str:
     return auth.digest(key).hex()
 
 
-def linearize_call(model: Any, doc: Any, settings: Settings, owner: str, ttl_s: Any) -> Call:
-    """A linearize body -> the engine call that opens the session."""
+def linearize_call(
+    model: Any, doc: Any, settings: Settings, owner: str, ttl_for: Callable[[Any], float]
+) -> Call:
+    """A linearize body -> the engine call that opens the session (`ttl_for`: the store's cap)."""
     request = _validate(LinearizeRequest, doc)
     as_eval = {"args": request.args, "transforms": doc.get("transforms", [])}
     call = prepare(model, "eval", {**as_eval, "binary": request.binary}, settings)
@@ -141,7 +143,7 @@ def linearize_call(model: Any, doc: Any, settings: Settings, owner: str, ttl_s: 
         None,
         call.binary,
         owner=owner,
-        ttl_s=ttl_s(request.ttl_s),
+        ttl_s=ttl_for(request.ttl_s),
     )
 
 
