@@ -73,3 +73,29 @@ def test_churn_within_a_small_budget_evicts_and_never_fails(start_server: Any) -
         evicted = gauge(http, "gradserve_session_evictions_total")
     assert all(s < 500 for s in statuses)
     assert set(statuses) == {200, 404} and evicted > 150
+
+
+def test_faulty_models_and_hostile_ids_never_5xx(limited: Any) -> None:
+    """Model code failing while tracing or running, limits, and made-up ids: clean 4xx."""
+    post = lambda path, doc: limited.post(path, content=wire.dumps(doc), headers=JSON)  # noqa: E731
+    r = post("/v1/models/boom/linearize", {"args": [[1.0, 2.0]]})
+    assert r.status_code == 422 and r.json()["code"] == "model_error", r.text
+    r = post("/v1/models/callback_boom/linearize", {"args": [[1.0]]})
+    assert r.status_code == 422 and r.json()["code"] == "model_error", r.text
+    big = npz({"args": [np.zeros(60_000, np.float32)]})  # over max_output_elements
+    r = limited.post("/v1/models/tanh/linearize", content=big, headers={"content-type": wire.NPZ})
+    assert r.status_code == 413 and r.json()["code"] == "output_too_large", r.text
+    sid = post("/v1/models/tanh/linearize", {"args": [[1.0, 2.0]]}).json()["session"]["id"]
+    r = post(f"/v1/sessions/{sid}/jvp", {"tangents": [[[1.0, 2.0]] * 17], "batched": True})
+    assert r.status_code == 413 and r.json()["code"] == "batch_too_large", r.text
+    for hostile in ("x" * 5000, "..%2F..%2Fetc", "%00", sid + "x", sid.upper()):
+        for method in ("GET", "DELETE"):
+            r = limited.request(method, f"/v1/sessions/{hostile}")
+            # An id that decodes to another path ("../") meets no route: a plain 404.
+            assert r.status_code == 404 and r.json()["code"].endswith("not_found"), r.text
+        r = post(f"/v1/sessions/{hostile}/vjp", {"cotangent": [1.0, 2.0]})
+        assert r.status_code == 404, r.text
+    assert limited.get(f"/v1/sessions/{sid}").status_code == 200
+
+
+JSON = {"content-type": wire.JSON}
