@@ -26,7 +26,7 @@ import numpy as np
 from client.errors import APIError, ServerBusy
 from service.calls import Call
 from service.engine.compiler import Compiler, model_error
-from service.engine.linearization import LinearizeProgram
+from service.engine.linearization import LinearizeCall, LinearizeProgram
 from service.metrics import Metrics
 from service.sessions import SessionStore
 
@@ -347,7 +347,7 @@ class DeviceWorkers:
             raise model_error(call, e, running=True) from None
         return value, compile_s, time.perf_counter() - t0, where
 
-    def _run_linearize(self, call: Any) -> tuple[Any, float, float, str]:
+    def _run_linearize(self, call: LinearizeCall) -> tuple[Any, float, float, str]:
         """A session's first step: run the linearize program, keep its residuals here.
 
         The value goes back to the client; the residuals stay on this device, in the store.
