@@ -303,32 +303,35 @@ class Core:
         arrays: dict[str, Any] = {"args": list(args)}
         if extra is not None:
             arrays["tangents" if op in ("jvp", "hvp") else "cotangent"] = extra
+        response = yield from self.send(f"/v1/models/{model}/{op}", arrays, fields, out_guess)
+        return decode(response)
+
+    def send(
+        self,
+        path: str,
+        arrays: dict[str, Any],
+        fields: dict[str, Any],
+        answer_guess: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> Flow:
+        """POST array fields and plain ones, JSON or npz by size (the `encoding` rule), asking
+        for an npz answer when `answer_guess` bytes would pass the threshold; the response."""
         size = _trees.nbytes(arrays)
-        encoding = self.encoding
+        encoding = answer = self.encoding
         if encoding == "auto":
             encoding = "npz" if size >= self.npz_threshold else "json"
-        answer = self.encoding
-        if answer == "auto":
-            answer = "npz" if max(size, out_guess) >= self.npz_threshold else "json"
+            answer = "npz" if max(size, answer_guess) >= self.npz_threshold else "json"
         if encoding == "npz":
             content, media = wire.dump_npz({**wire.npz_ready(arrays), **fields}), wire.NPZ
         else:
             binary = encoding == "base64"
-            body = {
-                **wire.encode_tree(arrays, binary),
-                **fields,
-                **({"binary": True} if binary else {}),
-            }
+            body = {**wire.encode_tree(arrays, binary), **fields}
+            if binary:
+                body["binary"] = True
             content, media = wire.dumps(body), wire.JSON
-        headers = {
-            **self.headers,
-            "Content-Type": media,
-            "Accept": wire.NPZ if answer == "npz" else wire.JSON,
-        }
-        response = yield from self.exchange(
-            HTTPRequest("POST", f"/v1/models/{model}/{op}", headers, content)
-        )
-        return decode(response)
+        accept = wire.NPZ if answer == "npz" else wire.JSON
+        all_headers = {**self.headers, **(headers or {}), "Content-Type": media, "Accept": accept}
+        return (yield from self.exchange(HTTPRequest("POST", path, all_headers, content)))
 
 
 def decode(response: HTTPResponse) -> dict[str, Any]:

@@ -67,24 +67,8 @@ def _post(
     answer_guess: int,
 ) -> Flow:
     """POST a session request, JSON or npz as `core.post` would choose; the decoded document."""
-    size = _trees.nbytes(arrays)
-    encoding = answer = core.encoding
-    if encoding == "auto":
-        encoding = "npz" if size >= core.npz_threshold else "json"
-        answer = "npz" if max(size, answer_guess) >= core.npz_threshold else "json"
-    if encoding == "npz":
-        content, media = wire.dump_npz({**wire.npz_ready(arrays), **fields}), wire.NPZ
-    else:
-        binary = encoding == "base64"
-        body = {
-            **wire.encode_tree(arrays, binary),
-            **fields,
-            **({"binary": True} if binary else {}),
-        }
-        content, media = wire.dumps(body), wire.JSON
-    accept = wire.NPZ if answer == "npz" else wire.JSON
-    headers = {**core.headers, "Content-Type": media, "Accept": accept, AFFINITY_HEADER: affinity}
-    response = yield from core.exchange(HTTPRequest("POST", path, headers, content))
+    headers = {AFFINITY_HEADER: affinity}
+    response = yield from core.send(path, arrays, fields, answer_guess, headers)
     kind = response.headers.get("content-type", wire.JSON).split(";")[0].strip()
     return wire.load_npz(response.content) if kind == wire.NPZ else wire.loads(response.content)
 
