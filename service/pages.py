@@ -168,7 +168,9 @@ def _describe(state: State, model: Model) -> dict[str, Any]:
         )
         if v is not None
     }
-    config.update(getattr(spec, "config", None) or {})  # model config options, where declared
+    config.update(
+        {f"config {o['name']}": f"{o['type']} = {o['default']!r}" for o in info["config"]}
+    )
     return {**info, "inputs_text": inputs, "output_text": _spec_text(spec.output), "config": config}
 
 

@@ -280,3 +280,6 @@ class ModelInfo(ModelSummary):
     inputs: list[Any] | None = Field(description="one spec tree per positional argument")
     output: Any = None
     ops: list[str]
+    config: list[dict[str, Any]] = Field(
+        default=[], description="static options set by a request's `config` field"
+    )

@@ -45,5 +45,10 @@ class State:
         if full:
             info["inputs"] = None if spec.inputs is None else [spec_to_json(s) for s in spec.inputs]
             info["output"] = spec_to_json(spec.output)
-            info["ops"] = list(OPS)
+            info["ops"] = [*OPS, "linearize"]
+            info["config"] = [
+                {"name": o.name, "type": o.type.__name__, "default": o.default}
+                | ({"description": o.description} if o.description else {})
+                for o in spec.config
+            ]
         return info

@@ -351,3 +351,21 @@ def test_every_model_page_renders_and_every_plot_it_shows_draws(pages):
             svg = pages.get(unescape(src))
             assert svg.status_code == 200, (name, src, svg.text[-800:])
             assert svg.headers["content-type"] == "image/svg+xml"
+
+
+def test_config_options_shown_on_pages_and_in_the_model_info():
+    """`banana`'s config options (service.models.benchmarks) on its page and in /v1/models."""
+    from starlette.testclient import TestClient
+
+    from service import Settings, create_app
+
+    settings = Settings(models=["service.models.benchmarks"], builtin_models=False, warmup=False)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/v1/models/banana").json()
+        assert [o["name"] for o in info["config"]] == ["a", "b", "scale"]
+        assert "linearize" in info["ops"]
+        page = client.get("/models/banana")
+        assert page.status_code == 200, page.text[-500:]
+        for option in info["config"]:
+            assert f"config {option['name']}" in page.text
+        assert client.get("/").status_code == 200
