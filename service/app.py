@@ -20,6 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, errors, pages
+from service.disconnect import CancelOnDisconnect
 from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
@@ -129,7 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
-    keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
+    app.add_middleware(CancelOnDisconnect, metrics=metrics, watched=auth.is_compute)
+    keyring = auth.install(
+        app, settings, metrics
+    )  # inside RequestContext: refusals get ids, metrics
     pages.install(app, with_keys=bool(keyring))
     app.add_middleware(RequestContext, metrics=metrics)
     _document(app, with_keys=bool(keyring))

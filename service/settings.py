@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     insecure: bool = False
+    # Per-key quotas (service/quotas.py), only with keys; 0 is "no limit". Requests per second
+    # (token bucket of `quota_burst`), and requests computing at once, per key. Per scope,
+    # e.g. {"metrics": "rate=10 burst=20"}; a keys-file line may carry its own.
+    quota_rate: float = Field(200.0, ge=0)
+    quota_burst: float = Field(400.0, ge=0)
+    quota_concurrent: int = Field(64, ge=0)
+    scope_quotas: dict[str, str] = Field(default_factory=lambda: {"metrics": "rate=10 burst=20"})
 
     # SIGTERM: readyz 503 and new work refused for `shutdown_drain_s` (so load balancers
     # notice), then stop accepting and give in-flight work `shutdown_grace_s` to finish.
