@@ -159,9 +159,13 @@ def _parse_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str], dict[s
         )
 
 
-def is_compute(path: str) -> bool:
-    """Whether `path` runs computations (what a key's concurrent-compute quota counts)."""
-    return required_scope(path) == "compute"
+def is_compute(scope: Scope) -> bool:
+    """Whether a request runs computations: what a key's concurrent-compute quota counts and
+    what is cancelled when its client leaves. Reads (listings, pages) are not."""
+    path = scope["path"]
+    if required_scope(path) != "compute":
+        return False
+    return scope["method"] not in ("GET", "HEAD") or "/plots/" in path
 
 
 def required_scope(path: str) -> str | None:

@@ -88,11 +88,11 @@ def current() -> Watch | None:
 class CancelOnDisconnect:
     """Pure ASGI, inside the key and quota checks: watches requests whose path computes."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, watched: Callable[[str], bool]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, watched: Callable[[Scope], bool]) -> None:
         self.app, self.metrics, self.watched = app, metrics, watched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.watched(scope["path"]):
+        if scope["type"] != "http" or not self.watched(scope):
             await self.app(scope, receive, send)
             return
         watch = Watch()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI
@@ -83,21 +83,21 @@ def parse_quota(text: str, where: str) -> dict[str, float]:
 
 def quota_for(scopes: Iterable[str], override: Mapping[str, float], settings: Settings) -> Quota:
     """The quota of a key with `scopes` and its own keys-file `override`."""
-    quota = Quota(settings.quota_rate, settings.quota_burst, settings.quota_concurrent)
-    by_scope = [
-        parse_quota(settings.scope_quotas[s], f"GRADSERVE_SCOPE_QUOTAS[{s!r}]")
+    default = Quota(settings.quota_rate, settings.quota_burst, settings.quota_concurrent)
+    # Each scope: the defaults with that scope's entry over them. A key with several scopes
+    # takes the most generous value of each field (0, "unlimited", above any number).
+    per_scope = [
+        default.merge(
+            parse_quota(settings.scope_quotas.get(s, ""), f"GRADSERVE_SCOPE_QUOTAS[{s!r}]")
+        )
         for s in sorted(scopes)
-        if s in settings.scope_quotas
-    ]
-    if by_scope:
-        # The most generous of the key's scopes, field by field (0 is "unlimited": the largest).
-        def best(name: str) -> float:
-            values = [o[name] for o in by_scope if name in o]
-            if not values:
-                return getattr(quota, name)
-            return 0.0 if 0 in values else max(values)
+    ] or [default]
 
-        quota = quota.merge({name: best(name) for name in FIELDS})
+    def best(name: str) -> float:
+        values = [getattr(q, name) for q in per_scope]
+        return 0.0 if 0 in values else max(values)
+
+    quota = default.merge({name: best(name) for name in FIELDS})
     return quota.merge(override)
 
 
@@ -134,7 +134,7 @@ class Quotas:
         app: ASGIApp,
         quotas: Mapping[bytes, Quota],
         metrics: Metrics,
-        is_compute: object,
+        is_compute: Callable[[Scope], bool],
     ) -> None:
         self.app = app
         self._buckets = {digest: _Bucket(q) for digest, q in quotas.items()}
@@ -161,7 +161,7 @@ class Quotas:
             return
         name = key_id(digest)
         wait = bucket.take(time.monotonic())
-        compute = bool(self._is_compute(scope["path"]))  # type: ignore[operator]
+        compute = self._is_compute(scope)
         limit = bucket.quota.concurrent
         if wait:
             refusal = self._refuse(
@@ -213,7 +213,7 @@ def install(
     settings: Settings,
     metrics: Metrics,
     keys: Mapping[bytes, tuple[frozenset[str], Mapping[str, float]]],
-    is_compute: object,
+    is_compute: Callable[[Scope], bool],
 ) -> None:
     """Add the quota layer for `keys` (digest -> scopes, keys-file override); none without keys.
 

@@ -21,10 +21,12 @@ from helpers import decode
 MODELS = str(Path(__file__).with_name("counting_models.py"))
 
 
-def metric(url: str, name: str, **labels: str) -> float:
+def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
     """One sample of the server's /metrics (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    response = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    text = response.text
     for line in text.splitlines():
         head, _, value = line.rpartition(" ")
         if head == (f"{name}{{{want}}}" if want else name):
