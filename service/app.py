@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
+    app.state.metrics = metrics  # also for the transport's counters (service/transport.py)
     app.add_middleware(CancelOnDisconnect, metrics=metrics, watched=auth.is_compute)
     keyring = auth.install(
         app, settings, metrics

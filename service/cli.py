@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.app import create_app
     from service.shutdown import serve
+    from service.transport import raise_file_limit
+
+    raise_file_limit()  # the default connection cap is derived from it
 
     return serve(create_app(settings), settings)
 
