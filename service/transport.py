@@ -355,3 +355,20 @@ def protocol_class(limits: TransportLimits) -> type[GuardedHttpToolsProtocol]:
 def uvicorn_options(settings: Settings, metrics: Metrics | None) -> dict[str, Any]:
     """What `uvicorn.Config` needs for these guards."""
     return {"http": protocol_class(TransportLimits.from_settings(settings, metrics))}
+
+
+def granian_http1_settings(settings: Settings) -> Any:
+    """granian's HTTP/1 settings carrying what of these limits granian can enforce itself.
+
+    Its parser answers 431 when a request head outgrows its read buffer (and past 100
+    headers), and closes a head that has not arrived `header_read_timeout` after its first
+    byte. It has no hook for the rest (silent connections, request lines under 64 KiB, body
+    progress, a connection cap): SECURITY.md leaves those to a reverse proxy under granian.
+    """
+    from granian.http import HTTP1Settings
+
+    return HTTP1Settings(
+        keep_alive=True,
+        header_read_timeout=max(1, round(settings.header_timeout_s * 1000)),
+        max_buffer_size=max(8192, settings.max_header_bytes + settings.max_request_line),
+    )
