@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client.errors import ServerBusy
-from service.errors import problem_response
+from service.errors import render
 from service.metrics import Metrics
 
 log = logging.getLogger("gradserve")
@@ -135,7 +135,7 @@ class CancelOnDisconnect:
             if isinstance(error, ClientGone) and not watch.gone and not responded:
                 # Another request's client left a computation this one shared.
                 request_id = scope.get("state", {}).get("request_id")
-                await problem_response(_retry(scope), request_id)(scope, receive, send)
+                await render(_retry(scope), request_id, scope["path"])(scope, receive, send)
                 return
             if isinstance(error, ClientDisconnect):  # the engine counts the later stages
                 self.metrics.cancelled.labels("reading").inc()

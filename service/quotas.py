@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from client.errors import ServerBusy
-from service.errors import problem_response
+from service.errors import render
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -183,7 +183,7 @@ class Quotas:
             refusal = None
         if refusal is not None:
             request_id = scope.get("state", {}).get("request_id")
-            await problem_response(refusal, request_id)(scope, receive, send)
+            await render(refusal, request_id, scope["path"])(scope, receive, send)
             return
         self._requests.labels(name, "admitted").inc()
         if not compute:
