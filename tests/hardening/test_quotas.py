@@ -205,3 +205,34 @@ def test_concurrent_compute_per_key(server) -> None:
     assert held["r"].status_code == 200, held["r"].text
     with httpx.Client(timeout=60) as http:
         assert grad_request(http, srv.url, SINGLE).status_code == 200  # its slot is back
+
+
+# -------------------------------------------------------------------- every door
+
+
+def test_every_door_shares_the_key_quota() -> None:
+    """v1, sessions, UM-Bridge and the pages' plots all draw on the same bucket."""
+    from starlette.testclient import TestClient
+
+    from service import create_app
+
+    settings = Settings(api_keys=f"{SLOW}:compute rate=0.01 burst=1", warmup=False)
+    doors = [
+        ("POST", "/v1/models/tanh/eval", {"args": [0.5]}),
+        ("POST", "/v1/models/logistic_loss/linearize", {"args": [W.tolist(), float(B)]}),
+        ("POST", "/Evaluate", {"name": "tanh", "input": [[0.5]], "config": {}}),
+        ("GET", "/models/logistic_loss/plots/direction.json", None),
+    ]
+    with TestClient(create_app(settings), headers=auth(SLOW)) as http:
+        first = http.post("/v1/models/tanh/eval", json={"args": [0.5]})
+        assert first.status_code == 200, first.text  # the burst of one
+        for method, path, doc in doors:
+            refused = http.request(method, path, json=doc)
+            assert refused.status_code == 429, (path, refused.text)
+            assert int(refused.headers["retry-after"]) >= 1
+            body = refused.json()
+            if path == "/Evaluate":  # UM-Bridge's own error format, exactly type and message
+                assert set(body["error"]) == {"type", "message"}, body
+                assert "quota" in body["error"]["message"]
+            else:
+                assert body["code"] == "quota_exceeded", body
