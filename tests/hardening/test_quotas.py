@@ -35,8 +35,8 @@ def line(key: str, rest: str = "") -> str:
 
 
 def test_quota_options_parse_and_refuse() -> None:
-    assert parse_quota("rate=0.5 burst=2, concurrent=1", "x") == {
-        "rate": 0.5,
+    assert parse_quota("rate=0.2 burst=2, concurrent=1", "x") == {
+        "rate": 0.2,
         "burst": 2.0,
         "concurrent": 1.0,
     }
@@ -63,11 +63,11 @@ def test_quota_layers_defaults_scopes_and_key() -> None:
 
 def test_keys_file_carries_quotas(tmp_path: Path) -> None:
     path = tmp_path / "keys"
-    path.write_text(f"{line(SLOW, 'rate=0.5 burst=2')}  # slow\n{line(FAST)}\n")
+    path.write_text(f"{line(SLOW, 'rate=0.2 burst=2')}  # slow\n{line(FAST)}\n")
     ring = KeyRing.from_settings(Settings(api_keys_file=path))
     table = ring.quota_table()
     slow = hashlib.sha256(SLOW.encode()).digest()
-    assert table[slow] == (frozenset({"compute"}), {"rate": 0.5, "burst": 2.0})
+    assert table[slow] == (frozenset({"compute"}), {"rate": 0.2, "burst": 2.0})
     assert ring.authenticate(f"Bearer {SLOW}") == {"compute"}
     path.write_text(line(SLOW, "rate=lots") + "\n")
     with pytest.raises(ValueError, match=r"keys:1: bad quota option 'rate=lots'"):
@@ -93,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     tmp = tmp_path_factory.mktemp("quotas")
     keys, runs, gate = tmp / "keys", tmp / "runs", tmp / "gate"
     keys.write_text(
-        f"{line(SLOW, 'rate=0.5 burst=2')}\n{line(FAST)}\n{line(SINGLE, 'concurrent=1')}\n"
+        f"{line(SLOW, 'rate=0.2 burst=2')}\n{line(FAST)}\n{line(SINGLE, 'concurrent=1')}\n"
     )
     runs.touch()
     env = {
@@ -139,7 +139,7 @@ def test_over_its_rate_a_key_gets_429_while_another_is_served(server) -> None:
                 assert slow.status_code == 200, slow.text
         for _ in range(12):  # the other key at full rate, while the first is refused
             assert grad_request(http, srv.url, FAST).status_code == 200
-    # A burst of 2 refilling at 0.5/s: at most 2 + 0.5 * (time taken) pass.
+    # A burst of 2 refilling at 0.2/s: at most 2 + 0.2 * (time taken) pass.
     assert len(refused) >= 4, [r.status_code for r in refused]
     for response in refused:
         body = response.json()
