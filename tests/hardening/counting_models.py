@@ -44,4 +44,6 @@ def _count(x: np.ndarray) -> np.ndarray:
 
 @model("counted", inputs=VEC, description="2 x, logging x[0] on the host each time it runs")
 def counted(x: jax.Array) -> jax.Array:
-    return 2 * jax.pure_callback(_count, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    # Batchable: under vmap the callback runs once per request, so each still logs its own x.
+    shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return 2 * jax.pure_callback(_count, shape, x, vmap_method="sequential")

@@ -56,14 +56,16 @@ def raw_post(port: int, path: str, doc: object) -> socket.socket:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, Path]]:
+def server(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[ServerProcess, Path, Path]]:
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.touch()
     env = {
         "GRADSERVE_TEST_RUNS": str(runs),
         "GRADSERVE_TEST_GATE": str(gate),
         "GRADSERVE_WORKERS_PER_DEVICE": "1",  # one worker: the gate holds it, the rest queue
-        "GRADSERVE_MAX_BATCH_SIZE": "1",
+        "GRADSERVE_MAX_BATCH_SIZE": str(getattr(request, "param", 1)),
         "GRADSERVE_CPU_DEVICES": "1",
         "GRADSERVE_WARMUP": "false",
         "GRADSERVE_COMPILE_CACHE_DIR": "",
@@ -131,3 +133,40 @@ def test_disconnected_while_running_is_discarded(server) -> None:
     after = httpx.post(f"{url}/v1/models/counted/eval", json={"args": [[6.0]]}, timeout=60)
     assert after.status_code == 200, after.text
     np.testing.assert_array_equal(decode(after)["value"], 2 * jnp.float32([6.0]))
+
+
+@pytest.mark.parametrize("server", [8], indirect=True)
+def test_a_batch_leaves_the_departed_out(server) -> None:
+    """With batching on, the request queued beside the one whose client left runs alone."""
+    srv, runs, gate = server
+    url = srv.url
+    warm = httpx.post(f"{url}/v1/models/counted/eval", json={"args": [[1.0]]}, timeout=60)
+    assert warm.status_code == 200, warm.text
+    held: dict[str, httpx.Response] = {}
+
+    def post(name: str, model: str, x: float) -> None:
+        doc = {"args": [[x]]}
+        held[name] = httpx.post(f"{url}/v1/models/{model}/eval", json=doc, timeout=120)
+
+    holder = threading.Thread(target=post, args=("gate", "gate", 3.0))
+    holder.start()
+    wait_until(lambda: "gate 3 started" in runs.read_text(), "the gate request runs")
+    before = metric(url, "gradserve_cancelled_requests_total", stage="queued")
+    sock = raw_post(srv.port, "/v1/models/counted/eval", {"args": [[777.0]]})
+    wait_until(lambda: metric(url, "gradserve_queue_depth", device="cpu:0") == 1, "it queues")
+    stays = threading.Thread(target=post, args=("stays", "counted", 5.0))
+    stays.start()
+    wait_until(lambda: metric(url, "gradserve_queue_depth", device="cpu:0") == 2, "both queue")
+    sock.close()
+    wait_until(
+        lambda: metric(url, "gradserve_cancelled_requests_total", stage="queued") == before + 1,
+        "the server notices the disconnect",
+    )
+    gate.touch()
+    holder.join(120)
+    stays.join(120)
+    assert held["stays"].status_code == 200, held["stays"].text
+    np.testing.assert_array_equal(decode(held["stays"])["value"], 2 * jnp.float32([5.0]))
+    lines = runs.read_text().splitlines()
+    assert "counted 5" in lines
+    assert "counted 777" not in lines, lines
