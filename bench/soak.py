@@ -9,6 +9,11 @@ the run, so the clients spend their time on the server); every invalid one must 
 status and problem+json code. It reports wrong answers, lost requests (no HTTP answer),
 5xx answers, and the server's RSS, open file descriptors and threads before and after; it
 exits 1 unless wrong, lost and 5xx are all 0.
+
+Beside them run abusive clients (`--abusive`, on by default): megabytes of headers, heads and
+bodies trickled a byte at a time, clients that send a request and hang up at once, and a
+greedy API key hammering past its quota. Each must be refused or cut off as SECURITY.md
+says (431, a close, 429 `quota_exceeded`); anything else counts as wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.abusive import GREEDY_KEY, HEAD_TIMEOUT_S, VALID_KEY, abusive_loop  # noqa: E402
 from bench.harness import ServerProcess  # noqa: E402
 from client import wire  # noqa: E402
 
@@ -60,6 +66,7 @@ class Tally:
     by_status: Counter = field(default_factory=Counter)
     rss_mib: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    abusive: Counter = field(default_factory=Counter)  # "<kind> <outcome>" -> count
 
     def fail(self, kind: str, message: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
@@ -231,13 +238,31 @@ async def client_loop(
 async def run_clients(
     url: str, cases: list[Case], invalid: list[Case], clients: int, seconds: float,
     max_requests: int, invalid_share: float, seed: int, pid: int | None = None,
+    abusive: int = 0, with_keys: bool = False,
 ) -> Tally:  # fmt: skip
     tally = Tally()
     sampler = asyncio.create_task(sample_rss(pid, tally.rss_mib)) if pid else None
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    headers = {"authorization": f"Bearer {VALID_KEY}"} if with_keys else {}
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as http,
+        httpx.AsyncClient(base_url=url, timeout=120) as greedy_http,
+    ):
         until = time.monotonic() + seconds
         await asyncio.gather(
+            *(
+                abusive_loop(
+                    url,
+                    greedy_http,
+                    cases,
+                    until,
+                    tally,
+                    check,
+                    random.Random(-seed - i),
+                    with_keys,
+                )
+                for i in range(abusive)
+            ),
             *(
                 client_loop(
                     http,
@@ -250,7 +275,7 @@ async def run_clients(
                     invalid_share,
                 )
                 for i in range(clients)
-            )
+            ),
         )
     if sampler:
         sampler.cancel()
@@ -282,7 +307,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     if args.url:
         url, pid = args.url, args.pid
     else:
-        env = {"GRADSERVE_SHUTDOWN_DRAIN_S": "0", "GRADSERVE_REQUEST_TIMEOUT_S": "120"}
+        env = {
+            "GRADSERVE_SHUTDOWN_DRAIN_S": "0",
+            "GRADSERVE_REQUEST_TIMEOUT_S": "120",
+            "GRADSERVE_HEADER_TIMEOUT_S": str(HEAD_TIMEOUT_S),
+            "GRADSERVE_BODY_WINDOW_S": str(HEAD_TIMEOUT_S),
+            "GRADSERVE_API_KEYS": f"{VALID_KEY}:compute rate=0 concurrent=0,"
+            f"{GREEDY_KEY}:compute rate=5 burst=5 concurrent=2",
+        }
         server = ServerProcess("--log-level", "warning", env=env)
         url, pid = server.url, server.proc.pid
     try:
@@ -292,7 +324,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         # Warm up with the same concurrency: compiles done, thread pools at their working size.
         warm = asyncio.run(
             run_clients(
-                url, cases, invalid, args.clients, args.warmup, 10**9, args.invalid_share, 7
+                url,
+                cases,
+                invalid,
+                args.clients,
+                args.warmup,
+                10**9,
+                args.invalid_share,
+                7,
+                with_keys=server is not None,
             )
         )
         time.sleep(1.0)  # the warm-up's connections close
@@ -309,6 +349,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 args.invalid_share,
                 args.seed,
                 pid,
+                args.abusive,
+                with_keys=server is not None,
             )
         )
         seconds = time.monotonic() - t0
@@ -328,6 +370,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "lost": tally.lost + warm.lost,
         "server_errors_5xx": tally.server_errors + warm.server_errors,
         "by_status": dict(sorted(tally.by_status.items())),
+        "abusive": dict(sorted(tally.abusive.items())),
         "before": before,
         "after": after,
         "growth": {k: round(after[k] - before[k], 1) for k in before},
@@ -354,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-kind", type=int, default=16, help="random inputs per valid kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--abusive", type=int, default=4, help="abusive clients beside the valid ones (0: none)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     report = soak(args)

@@ -20,6 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, errors, pages, umbridge
+from service.disconnect import CancelOnDisconnect
 from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
@@ -133,7 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     umbridge.install(app, settings)  # UM-Bridge 1.0 at the root paths
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
-    keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
+    app.state.metrics = metrics  # also for the transport's counters (service/transport.py)
+    app.add_middleware(CancelOnDisconnect, metrics=metrics, watched=auth.is_compute)
+    # Inside RequestContext: refusals get ids, metrics.
+    keyring = auth.install(app, settings, metrics)
     pages.install(app, with_keys=bool(keyring))
     app.add_middleware(RequestContext, metrics=metrics)
     _document(app, with_keys=bool(keyring))

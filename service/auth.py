@@ -31,7 +31,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from client.errors import Unauthorized
+from service import quotas
 from service.errors import UMBRIDGE_PATHS, render
+from service.metrics import Metrics
+from service.quotas import STATE_KEY, parse_quota
 from service.settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -64,6 +67,8 @@ class KeyRing:
     """The configured keys as (sha256 digest, scopes) pairs; empty means authentication is off."""
 
     entries: tuple[tuple[bytes, frozenset[str]], ...] = ()
+    # Per-key quota overrides from the keys file (service/quotas.py): (digest, options) pairs.
+    overrides: tuple[tuple[bytes, dict[str, float]], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -72,22 +77,35 @@ class KeyRing:
     def from_settings(cls, settings: Settings) -> KeyRing:
         """Keys from the environment and the keys file; `ValueError` for a malformed one."""
         entries: list[tuple[bytes, frozenset[str]]] = []
+        overrides: list[tuple[bytes, dict[str, float]]] = []
         if settings.api_keys is not None:
             for n, item in enumerate(settings.api_keys.get_secret_value().split(",")):
-                key, _, scopes = item.strip().partition(":")
+                head, _, options = item.strip().partition(" ")
+                key, _, scopes = head.partition(":")
                 if not key:
                     continue
                 where = f"GRADSERVE_API_KEYS entry {n + 1}"
                 entries.append((digest(key), _scopes(scopes, where) if scopes else DEFAULT_SCOPES))
+                overrides.append((digest(key), parse_quota(options, where)))
         if settings.api_keys_file is not None:
-            from_file = list(read_keys_file(settings.api_keys_file))
+            from_file = list(_parse_keys_file(settings.api_keys_file))
             if not from_file:  # fail closed: a keys file with no keys must not mean "open"
                 raise ValueError(f"{settings.api_keys_file} holds no keys")
-            entries += from_file
-        return cls(tuple(entries))
+            entries += [(stored, scopes) for stored, scopes, _ in from_file]
+            overrides += [(stored, options) for stored, _, options in from_file]
+        return cls(tuple(entries), tuple(overrides))
+
+    def quota_table(self) -> dict[bytes, tuple[frozenset[str], dict[str, float]]]:
+        """digest -> (scopes, quota override), for service/quotas.py."""
+        given = dict(self.overrides)
+        return {stored: (scopes, given.get(stored, {})) for stored, scopes in self.entries}
 
     def authenticate(self, header: str | None) -> frozenset[str]:
         """The scopes of the key in an Authorization header; `Unauthorized` (401) without one."""
+        return self.identify(header)[1]
+
+    def identify(self, header: str | None) -> tuple[bytes, frozenset[str]]:
+        """The key's sha256 digest and scopes; `Unauthorized` (401) without a valid key."""
         if not header:
             raise Unauthorized(
                 "this server needs an API key: send 'Authorization: Bearer <key>', or put it "
@@ -106,7 +124,7 @@ class KeyRing:
                 code="invalid_key",
                 headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
             )
-        return scopes
+        return given, scopes
 
 
 def _key_of(header: str) -> str:
@@ -134,10 +152,17 @@ def _key_of(header: str) -> str:
 
 def read_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str]]]:
     """Lines `<sha256 hex>[:scope+scope]`; blank lines and `#` comments are skipped."""
+    for stored, scopes, _ in _parse_keys_file(path):
+        yield stored, scopes
+
+
+def _parse_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str], dict[str, float]]]:
+    """Lines `<sha256 hex>[:scope+scope][ rate=R burst=B concurrent=C]` (quotas optional)."""
     for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
+        line, _, options = line.partition(" ")
         hexdigest, _, scopes = line.partition(":")
         where = f"{path}:{n}"
         try:
@@ -148,7 +173,20 @@ def read_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str]]]:
             raise ValueError(
                 f"{where}: expected a sha256 hex digest (64 hex digits); see `gradserve hash-key`"
             )
-        yield stored, _scopes(scopes, where) if scopes else DEFAULT_SCOPES
+        yield (
+            stored,
+            _scopes(scopes, where) if scopes else DEFAULT_SCOPES,
+            parse_quota(options, where),
+        )
+
+
+def is_compute(scope: Scope) -> bool:
+    """Whether a request runs computations: what a key's concurrent-compute quota counts and
+    what is cancelled when its client leaves. Reads (listings, pages) are not."""
+    path = scope["path"]
+    if required_scope(path) != "compute":
+        return False
+    return scope["method"] not in ("GET", "HEAD") or "/plots/" in path
 
 
 def required_scope(path: str) -> str | None:
@@ -176,7 +214,7 @@ class Authenticate:
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         try:
-            scopes = self.keyring.authenticate(header)
+            key, scopes = self.keyring.identify(header)
             if need and need not in scopes:
                 raise Unauthorized(
                     f"this key lacks the {need!r} scope that {scope['path']} needs",
@@ -193,6 +231,7 @@ class Authenticate:
             await render(e, request_id, scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})["scopes"] = scopes
+        scope["state"][STATE_KEY] = key  # for the per-key quotas (service/quotas.py)
         await self.app(scope, receive, send)
 
 
@@ -206,10 +245,12 @@ def is_page(path: str) -> bool:
     return path in ("/", "/live.json") or path.startswith("/models/")
 
 
-def install(app: FastAPI, settings: Settings) -> KeyRing:
+def install(app: FastAPI, settings: Settings, metrics: Metrics | None = None) -> KeyRing:
     """Add the key check when keys are configured; the keys, empty when they are not."""
     keyring = KeyRing.from_settings(settings)
     if keyring:
+        if metrics is not None:  # added first, so it runs inside the check, knowing the key
+            quotas.install(app, settings, metrics, keyring.quota_table(), is_compute)
         app.add_middleware(Authenticate, keyring=keyring)
     return keyring
 
@@ -273,11 +314,17 @@ def add_hash_key_command(commands: Any) -> None:
     )
     cmd.add_argument("--scopes", default="compute", help="scopes joined by '+' (default compute)")
     cmd.add_argument("--generate", action="store_true", help="generate a new random key")
+    cmd.add_argument(
+        "--quota",
+        default="",
+        help="this key's own quota, e.g. 'rate=5 burst=10 concurrent=2' (see SECURITY.md)",
+    )
 
 
 def hash_key_main(args: argparse.Namespace) -> int:
     try:
         scopes = "+".join(sorted(_scopes(args.scopes, "--scopes")))
+        quota = " ".join(f"{k}={v:g}" for k, v in parse_quota(args.quota, "--quota").items())
     except ValueError as e:
         print(f"gradserve: {e}", file=sys.stderr)
         return 2
@@ -289,6 +336,6 @@ def hash_key_main(args: argparse.Namespace) -> int:
         if not key:
             print("gradserve: no key on stdin", file=sys.stderr)
             return 2
-    line = f"{hashlib.sha256(key.encode()).hexdigest()}:{scopes}"
+    line = f"{hashlib.sha256(key.encode()).hexdigest()}:{scopes}" + (f" {quota}" if quota else "")
     print(f"line: {line}" if args.generate else line)
     return 0

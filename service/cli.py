@@ -10,6 +10,7 @@ import sys
 from collections.abc import MutableMapping, Sequence
 
 from service.auth import KeyRing, add_hash_key_command, bind_refusal, hash_key_main
+from service.quotas import quota_for
 from service.ray_serve import add_ray_arguments, ray_options
 from service.settings import Settings
 
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         keyring = KeyRing.from_settings(settings)
+        for scopes, override in keyring.quota_table().values():
+            quota_for(scopes, override, settings)  # a bad GRADSERVE_SCOPE_QUOTAS stops here
     except (OSError, ValueError) as e:
         print(f"gradserve: bad API key configuration: {e}", file=sys.stderr)
         return 2
@@ -107,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.app import create_app
     from service.shutdown import serve
+    from service.transport import raise_file_limit
+
+    raise_file_limit()  # the default connection cap is derived from it
 
     return serve(create_app(settings), settings)
 

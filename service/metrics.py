@@ -136,6 +136,23 @@ class Metrics:
             registry=registry,
         )
 
+        self.cancelled = Counter(
+            "gradserve_cancelled_requests",
+            "Requests whose client disconnected before its answer, by stage: reading (its "
+            "body), queued (dropped unstarted), running (result discarded)",
+            ["stage"],
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "gradserve_connections_closed",
+            "Connections the server closed or refused early, by reason (service/transport.py)",
+            ["reason"],
+            registry=registry,
+        )
+        self.open_connections = Gauge(
+            "gradserve_open_connections", "HTTP connections open now", registry=registry
+        )
+
         # Children bound once: `labels()` takes a lock and a dict lookup per call, and these
         # are hit several times by every request.
         self.phases = {

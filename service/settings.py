@@ -68,12 +68,30 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     insecure: bool = False
+    # Per-key quotas (service/quotas.py), only with keys; 0 is "no limit". Requests per second
+    # (token bucket of `quota_burst`), and requests computing at once, per key. Per scope,
+    # e.g. {"metrics": "rate=10 burst=20"}; a keys-file line may carry its own.
+    quota_rate: float = Field(200.0, ge=0)
+    quota_burst: float = Field(400.0, ge=0)
+    quota_concurrent: int = Field(64, ge=0)
+    scope_quotas: dict[str, str] = Field(default_factory=lambda: {"metrics": "rate=10 burst=20"})
 
     # SIGTERM: readyz 503 and new work refused for `shutdown_drain_s` (so load balancers
     # notice), then stop accepting and give in-flight work `shutdown_grace_s` to finish.
     # Idle keep-alive connections are closed after this. uvicorn's 5 s default races pooled
     # clients that reuse a connection just as the server drops it (a "lost" request).
     keep_alive_s: int = Field(75, ge=1)
+    # The connection itself (service/transport.py, uvicorn): a request head past these bytes
+    # or headers gets 431, a longer request line 414; a head slower than `header_timeout_s`,
+    # or a body slower than `body_min_rate` bytes/s over `body_window_s`, is closed. Past
+    # `max_connections` (None: 3/4 of the file limit) new connections get 503.
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    max_request_line: int = Field(8 * 1024, ge=256)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_min_rate: float = Field(1024.0, ge=0)
+    body_window_s: float = Field(10.0, gt=0)
+    max_connections: int | None = Field(None, ge=1)
     shutdown_drain_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
 

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service import transport
 from service.settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -66,6 +67,7 @@ def serve(app: FastAPI, settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
         timeout_keep_alive=settings.keep_alive_s,
+        **transport.uvicorn_options(settings, getattr(app.state, "metrics", None)),
     )
     server = DrainingServer(config, app, settings.shutdown_drain_s)
     server.run()

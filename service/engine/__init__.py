@@ -20,6 +20,7 @@ import numpy as np
 
 from client.errors import APIError, DeadlineExceeded
 from client.specs import ArraySpec, dtype_from_name
+from service import disconnect
 from service.calls import Call
 from service.engine.compiler import CompileCache, Compiler
 from service.engine.worker import DeviceWorkers, Item, Outcome, batch_key
@@ -147,6 +148,10 @@ class Engine:
         that queue is full; 504 at the deadline, with the work dropped if it has not started
         (work already running finishes, and its answer is discarded).
         """
+        watch = disconnect.current()
+        if watch is not None and watch.gone:  # its client left while it was being decoded
+            self.metrics.cancelled.labels("queued").inc()
+            raise disconnect.ClientGone()
         if device is not None:
             workers = self._workers[device]
         else:
@@ -157,7 +162,17 @@ class Engine:
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
         workers.submit(item)
+        if watch is not None:
+            watch.on_disconnect(lambda: self._abandon(item))
         return self._result(item, workers, loop)
+
+    def _abandon(self, item: Item) -> None:
+        """The client left: drop `item` if no worker took it yet, else discard its result."""
+        if item.future.done():
+            return
+        item.cancelled = True  # workers skip it, and a batch gathering it leaves it out
+        self.metrics.cancelled.labels("queued" if item.runner is None else "running").inc()
+        item.future.set_exception(disconnect.ClientGone())
 
     async def _result(
         self, item: Item, workers: DeviceWorkers, loop: asyncio.AbstractEventLoop

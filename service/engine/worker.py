@@ -218,8 +218,9 @@ class DeviceWorkers:
             batch = self._next_batch()
             if batch is None:
                 return
+            live = [item for item in batch if not item.cancelled]  # clients gone meanwhile
             try:
-                answers = self._execute(batch)
+                answers = self._execute(live) if live else []
             except BaseException as bug:
                 log.exception("worker of %s failed", self._name)
                 answers = [(item, None, bug) for item in batch]
