@@ -20,7 +20,9 @@ primitive and a longer chain, so every derivative of a remote model is again a r
   so tracing a derivative sends nothing.
 
 Under ``jax.jit`` each primitive is a host callback that XLA drops when its result is unused,
-so ``jax.jit(jax.grad(f))`` sends only the pullback.
+so ``jax.jit(jax.grad(f))`` sends only the pullback. Eagerly, ``jax.grad(f)`` sends the value
+and the pullback, through a session so that the pullback skips the forward pass
+(`client._jax_sessions`).
 """
 
 from __future__ import annotations
