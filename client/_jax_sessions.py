@@ -7,6 +7,7 @@ and the second (the chain plus ``vjp``) recomputes the forward pass on the serve
 first step opens a session instead (``linearize`` answers the value), kept on this side under
 (function, chain, argnums, the primals' bytes); the transpose sees the same primals, finds it,
 and sends only the cotangent (a batched one under ``jax.vmap``, as ``jax.jacrev`` makes).
+``jax.linearize``'s pushforward, the same linearization applied forward, goes there too.
 
 A session is a cache, so results never depend on it: on any error or miss (deleted, expired,
 evicted, a restarted server) the stateless request runs instead. At most `CAPACITY` sessions
@@ -83,49 +84,67 @@ def open_session(fn: RemoteFunction, chain: tuple, primals: tuple, argnums: tupl
 
 
 def serve(fn: RemoteFunction, chain: tuple, args: tuple) -> list | None:
-    """The leaves of a pullback through a session when `chain` is a kept session's chain plus
-    ``vjp`` (or plus ``vjp`` and a ``vmap`` of the cotangent alone) at the same primals;
-    None when none applies or it missed, and the stateless request must run."""
+    """The output leaves of a product through a session, when `chain` is a kept session's chain
+    plus a value-less ``vjp`` (the transpose) or ``jvp`` (``jax.linearize``'s pushforward),
+    maybe under a ``vmap`` of the (co)tangents alone, at the same primals; None when none
+    applies or it missed, and the stateless request must run."""
     if not _store:
         return None
-    step, axis = _pullback(chain)
+    step, axis = _product(chain)
     if step is None:
         return None
     base = chain[: -2 if axis is not None else -1]
     argnums = tuple(step.opts["argnums"])
-    key = _key(fn, base, argnums, tuple(args[:-1]))
+    n = len(args) - (len(argnums) if step.op == "jvp" else 1)  # the primals come first
+    key = _key(fn, base, argnums, tuple(args[:n]))
     with _lock:
         session = _store.get(key)
         if session is not None:
             _store.move_to_end(key)
     if session is None:
         return None
-    cotangent = jax.tree.map(np.asarray, args[-1])
+    extra = jax.tree.map(np.asarray, tuple(args[n:]))
     if axis is not None:
-        cotangent = jax.tree.map(lambda c: np.moveaxis(c, axis, 0), cotangent)
+        extra = jax.tree.map(lambda x: np.moveaxis(x, axis, 0), extra)
+    if step.op == "jvp":
+        tangents: list[Any] = [None] * n  # one per primal; only those in argnums are read
+        for k, t in zip(argnums, extra, strict=True):
+            tangents[k] = t
+        flow = session.apply("jvp", tangents, axis is not None)
+    else:
+        flow = session.apply("vjp", extra[0], axis is not None)
     try:
-        result = fn._client._run(session.apply("vjp", cotangent, axis is not None))
+        result = fn._client._run(flow)
     except APIError:
         result = Session.MISS
     if result is Session.MISS:
         with _lock:
             _store.pop(key, None)
         return None
+    if step.op == "jvp":
+        return jax.tree.leaves(result)
     return jax.tree.leaves(tuple(result[i] for i in argnums))
 
 
-def _pullback(chain: tuple) -> tuple[Transform | None, int | None]:
-    """(the trailing value-less ``vjp``, the cotangent's batch axis when a ``vmap`` of the
-    cotangent alone follows it, else None); (None, None) for any other chain."""
-    last = chain[-1] if chain else None
-    axis = None
+def _product(chain: tuple) -> tuple[Transform | None, int | None]:
+    """(the trailing value-less ``vjp`` or ``jvp``, the (co)tangents' batch axis when a ``vmap``
+    of them alone follows it, else None); (None, None) for any other chain."""
+    last, axis = (chain[-1] if chain else None), None
     if last is not None and last.op == "vmap" and len(chain) > 1:
-        in_axes, out_axes = last.opts["in_axes"], last.opts.get("out_axes", 0)
-        if out_axes == 0 and isinstance(in_axes[-1], int) and all(a is None for a in in_axes[:-1]):
-            last, axis = chain[-2], in_axes[-1]
-        else:
+        vmap, last = last, chain[-2]
+        in_axes = vmap.opts["in_axes"]
+        m = len(last.opts.get("argnums", ())) if last.op == "jvp" else 1
+        mapped = set(in_axes[-m:]) if isinstance(in_axes, tuple) and m else set()
+        if (
+            vmap.opts.get("out_axes", 0) != 0
+            or len(mapped) != 1
+            or any(a is not None for a in in_axes[:-m])
+        ):
             return None, None
-    if last is None or last.op != "vjp" or last.opts.get("value", True):
+        axis = mapped.pop()
+        if not isinstance(axis, int):
+            return None, None
+    if last is None or last.op not in ("jvp", "vjp") or last.opts.get("value", True):
         return None, None
     return last, axis
 

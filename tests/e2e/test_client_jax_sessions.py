@@ -143,3 +143,22 @@ def test_jit_opens_no_session(c: Client) -> None:
     got, posts = sent(c, lambda: jax.jit(jax.grad(f))(W, b))
     close(got, jax.grad(cb.logistic_loss)(W, b))
     assert [r.url.path.rsplit("/")[-1] for r in posts] == ["call"]
+
+
+def test_linearize_pushes_forward_through_the_session(c: Client) -> None:
+    f = as_jax(c.model("logistic_predict"))
+    (y, f_jvp), posts = sent(c, lambda: jax.linearize(f, W, b))
+    y_l, f_jvp_l = jax.linearize(cb.logistic_predict, W, b)
+    close(y, y_l)
+    assert [r.url.path for r in posts] == ["/v1/models/logistic_predict/linearize"]
+    v = RNG.standard_normal(3).astype(np.float32)
+    V = RNG.standard_normal((8, 3)).astype(np.float32)
+    s = np.linspace(-1, 1, 8).astype(np.float32)
+    got, posts = sent(c, lambda: (f_jvp(v, np.float32(0.5)), jax.vmap(f_jvp)(V, s)))
+    close(got, (f_jvp_l(v, np.float32(0.5)), jax.vmap(f_jvp_l)(V, s)))
+    assert [is_session(r, "jvp") for r in posts] == [True, True]
+    assert set(body(posts[0])) == {"tangents"} and set(body(posts[1])) == {"tangents", "batched"}
+    # A tangent shared by the batch is not the session's batched form: stateless, same numbers.
+    got, posts = sent(c, lambda: jax.vmap(f_jvp, in_axes=(0, None))(V, np.float32(1)))
+    close(got, jax.vmap(f_jvp_l, in_axes=(0, None))(V, np.float32(1)))
+    assert [r.url.path.rsplit("/")[-1] for r in posts] == ["call"]
