@@ -52,9 +52,9 @@ def _key(fn: RemoteFunction, chain: tuple, argnums: tuple, primals: tuple) -> tu
     leaves, tree = jax.tree.flatten(primals)
     digest = hashlib.blake2b(digest_size=16)
     for x in leaves:
-        a = np.ascontiguousarray(x)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.data)
+        a = np.asarray(x)
+        digest.update(f"{a.dtype.name}{a.shape}".encode())  # names tell bfloat16 from float16
+        digest.update(a.tobytes())  # any dtype (a memoryview refuses bfloat16)
     return (fn, chain, argnums, tree, digest.digest())
 
 
@@ -147,9 +147,3 @@ def _product(chain: tuple) -> tuple[Transform | None, int | None]:
     if last is None or last.op not in ("jvp", "vjp") or last.opts.get("value", True):
         return None, None
     return last, axis
-
-
-def clear() -> None:
-    """Drop every kept session (each is deleted on the server with the next ``linearize``)."""
-    with _lock:
-        _store.clear()

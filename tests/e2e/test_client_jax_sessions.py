@@ -162,3 +162,13 @@ def test_linearize_pushes_forward_through_the_session(c: Client) -> None:
     got, posts = sent(c, lambda: jax.vmap(f_jvp, in_axes=(0, None))(V, np.float32(1)))
     close(got, jax.vmap(f_jvp_l, in_axes=(0, None))(V, np.float32(1)))
     assert [r.url.path.rsplit("/")[-1] for r in posts] == ["call"]
+
+
+def test_the_key_tells_shapes_and_dtypes_apart(c: Client) -> None:
+    fn = c.model("tanh")
+    one = np.ones(2, np.float16)
+    keys = {
+        kept._key(fn, (), (0,), (x,))
+        for x in (np.float32(1), np.ones(1, np.float32), one, one.view(jax.numpy.bfloat16))
+    }
+    assert len(keys) == 4
