@@ -119,7 +119,7 @@ def _outputs(fn: RemoteFunction, chain: tuple, leaves: list, out_avals: Avals) -
 
 
 def _impl(*flat: Any, fn: Any, chain: tuple, in_tree: Any, out_tree: Any, out_avals: Avals) -> list:
-    # Eagerly, a pullback at the primals of an earlier linearization goes to its session.
+    # Eagerly, a product at the primals of an earlier linearization goes to its session.
     served = _jax_sessions.serve(fn, chain, jax.tree.unflatten(in_tree, list(flat)))
     if served is not None:
         return [jnp.asarray(x) for x in _outputs(fn, chain, served, out_avals)]
