@@ -83,13 +83,15 @@ class Session:
 
     MISS = _MISS
 
-    def __init__(self, fn: RemoteFunction, primals: tuple) -> None:
+    def __init__(
+        self, fn: RemoteFunction, primals: tuple, argnums: tuple[int, ...] | None = None
+    ) -> None:
         self.fn, self.primals = fn, primals
         self.core: Core = fn._client._core
-        inexact = [
-            all(x.dtype.kind in "fc" for x in _trees.leaves(p)) for p in primals
-        ]  # JAX gives integer arguments float0 tangents: they are not linearized
-        self.argnums = tuple(i for i, ok in enumerate(inexact) if ok)
+        if argnums is None:  # JAX gives integer arguments float0 tangents: not linearized
+            inexact = [all(x.dtype.kind in "fc" for x in _trees.leaves(p)) for p in primals]
+            argnums = tuple(i for i, ok in enumerate(inexact) if ok)
+        self.argnums = argnums
         self.active = bool(self.argnums)  # False: stateless from now on
         self._id: list[str | None] = [None]  # a box the finalizer reads when it runs
         self.affinity = secrets.token_urlsafe(12)  # one replica for all of its requests

@@ -20,7 +20,9 @@ primitive and a longer chain, so every derivative of a remote model is again a r
   so tracing a derivative sends nothing.
 
 Under ``jax.jit`` each primitive is a host callback that XLA drops when its result is unused,
-so ``jax.jit(jax.grad(f))`` sends only the pullback.
+so ``jax.jit(jax.grad(f))`` sends only the pullback. Eagerly, ``jax.grad(f)`` sends the value
+and the pullback, through a session so that the pullback skips the forward pass
+(`client._jax_sessions`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from client import _jax_sessions
 from client._client import Client
 from client._core import Transform
 from client._remote import RemoteFunction
@@ -99,20 +102,27 @@ def _host(fn: RemoteFunction, chain: tuple, in_tree: Any, out_avals: Avals) -> C
             answer = yield from core.post(fn.model, op, prepared, None, fields, guess)
             return answer["value"]
 
-        leaves = jax.tree.leaves(client._run(flow()))
-        if len(leaves) != len(out_avals):
-            raise ValueError(
-                f"remote {fn!r} under {[t.op for t in chain]} returned {len(leaves)} arrays, "
-                f"expected {len(out_avals)}"
-            )
-        return [
-            np.asarray(x).astype(d, copy=False) for x, (_, d) in zip(leaves, out_avals, strict=True)
-        ]
+        return _outputs(fn, chain, jax.tree.leaves(client._run(flow())), out_avals)
 
     return call
 
 
+def _outputs(fn: RemoteFunction, chain: tuple, leaves: list, out_avals: Avals) -> list:
+    if len(leaves) != len(out_avals):
+        raise ValueError(
+            f"remote {fn!r} under {[t.op for t in chain]} returned {len(leaves)} arrays, "
+            f"expected {len(out_avals)}"
+        )
+    return [
+        np.asarray(x).astype(d, copy=False) for x, (_, d) in zip(leaves, out_avals, strict=True)
+    ]
+
+
 def _impl(*flat: Any, fn: Any, chain: tuple, in_tree: Any, out_tree: Any, out_avals: Avals) -> list:
+    # Eagerly, a product at the primals of an earlier linearization goes to its session.
+    served = _jax_sessions.serve(fn, chain, jax.tree.unflatten(in_tree, list(flat)))
+    if served is not None:
+        return [jnp.asarray(x) for x in _outputs(fn, chain, served, out_avals)]
     return [jnp.asarray(x) for x in _host(fn, chain, in_tree, out_avals)(*flat)]
 
 
@@ -135,7 +145,6 @@ mlir.register_lowering(remote_p, mlir.lower_fun(_lowered, multiple_results=True)
 
 def _jvp(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tuple:
     """Value: the primitive. Tangent: the chain plus a jvp in the arguments that move."""
-    out = remote_p.bind(*primals, **params)
     in_tree, out_avals = params["in_tree"], params["out_avals"]
     args = jax.tree.unflatten(in_tree, list(primals))
     moving = jax.tree.unflatten(
@@ -147,6 +156,15 @@ def _jvp(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tupl
     )
     active = [i for i, m in enumerate(moving) if any(jax.tree.leaves(m))]
     zeros = [ad.Zero(jax.core.ShapedArray(s, _tangent_dtype(d))) for s, d in out_avals]
+    out = None
+    if active and _jax_sessions.linearizing(primals, tangents):
+        # Eager jax.vjp/jax.grad: a session gives the value, and its pullback later.
+        raw = _jax_sessions.open_session(params["fn"], params["chain"], args, tuple(active))
+        if raw is not None:
+            leaves = _outputs(params["fn"], params["chain"], jax.tree.leaves(raw), out_avals)
+            out = [jnp.asarray(x) for x in leaves]
+    if out is None:
+        out = remote_p.bind(*primals, **params)
     if not active:
         return out, zeros
     dots = jax.tree.unflatten(
