@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     builtin_models: bool = True
     x64: bool = False
     log_level: str = "info"
+    # The HTTP server (service/shutdown.py, service/granian_server.py); Ray Serve has its own.
+    server: Literal["uvicorn", "granian"] = "uvicorn"
 
     # Limits: each refused with its PROTOCOL.md status before any compute.
     max_body_bytes: int = 512 * 2**20
