@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # Counted from the body's bytes before parsing (service/limits.py): 413.
     max_json_depth: int = Field(64, ge=2, le=1000)
     max_json_elements: int = 2**22
+    # JSON bodies over this many bytes: 413 naming npz (a JSON float costs ~10 bytes and ~15
+    # ns to parse, an npz float 4 bytes and nothing). Above `json_offload_bytes` JSON is parsed
+    # and printed in a helper process (service/json_offload.py) so the event loop never stalls.
+    max_json_bytes: int = Field(64 * 2**20, ge=1)
+    json_offload_bytes: int = Field(2**20, ge=0, description="0 keeps all JSON in-process")
     max_batch_tangents: int = 1024
     # New (uncached) argument shapes a model may take per minute; each costs a compile: 429.
     max_shapes_per_minute: int = 60
