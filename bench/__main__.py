@@ -1,6 +1,6 @@
 """`python -m bench`: the engine's benchmark suite, side by side in one run.
 
-Starts its own servers on 127.0.0.1, measures (a)-(g), prints a table of ratios and writes it
+Starts its own servers on 127.0.0.1, measures (a)-(h), prints a table of ratios and writes it
 to docs/benchmarks.md with the machine and date. `--quick` runs fewer repetitions.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from bench import cases
+from bench import cases, sessions
 from bench.harness import ROOT, Server, Table
 
 
@@ -29,7 +29,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
-    parser.add_argument("--only", default="abcdefgj", help="which cases, e.g. 'ac'")
+    parser.add_argument("--only", default="abcdefghj", help="which cases, e.g. 'ac'")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
@@ -53,6 +53,8 @@ def main() -> None:
                 cases.batching(table, main_server, unbatched, reps(20))
     if "g" in args.only:
         cases.restart(table)
+    if "h" in args.only:
+        sessions.run(table, reps)
     if "j" in args.only:
         cases.healthz_during_json(table, max(2, int(5 * scale)))
 

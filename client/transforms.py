@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from client import _sessions
 from client._core import Transform
-from client._remote import Pullback, Pushforward, RemoteFunction, _Bound
+from client._remote import RemoteFunction, _Bound
 
 __all__ = [
     "grad",
@@ -199,19 +200,6 @@ def jvp(fun: Any, primals: Sequence[Any], tangents: Sequence[Any]) -> Any:
     return f._client._run(flow)
 
 
-def _bind(fun: Any, primals: tuple, cls: type[_Bound], name: str) -> Any:
-    f = _remote(fun, name)
-
-    def flow() -> Any:
-        core = f._client._core
-        info = yield from core.info(f.model)
-        prepared = core.prepare_args(info, f.chain, primals)
-        value = yield from core.compute(f.model, f.chain, "eval", prepared)
-        return value, cls(f, prepared)
-
-    return f._client._run(flow())
-
-
 def vjp(fun: Any, *primals: Any) -> Any:
     """Vector-Jacobian product: ``fun(*primals)`` and a remote pullback of covectors.
 
@@ -222,11 +210,14 @@ def vjp(fun: Any, *primals: Any) -> Any:
     Returns:
       ``(fun(*primals), pullback)``; ``pullback(cotangent)`` returns a tuple with one cotangent
       per primal, and ``vmap(pullback)(U)`` pulls back a batch of covectors in one request.
+      The server keeps the linearization as a session, so each pullback request carries only
+      its cotangent and skips the forward pass (if the session is gone, the product is
+      recomputed from the kept primals). ``with vjp(f, x) as (y, pullback):`` closes it.
 
     >>> y, pullback = vjp(client.model("logistic_predict"), W, b)
     >>> W_bar, b_bar = pullback(u)
     """
-    return _bind(fun, primals, Pullback, "vjp")
+    return _sessions.bind(_remote(fun, "vjp"), primals, "vjp")
 
 
 def linearize(fun: Any, *primals: Any) -> Any:
@@ -234,11 +225,15 @@ def linearize(fun: Any, *primals: Any) -> Any:
 
     Returns:
       ``(fun(*primals), f_jvp)``; ``vmap(f_jvp)(S)`` pushes a batch of tangents in one request.
+      Like `vjp`, it opens a server session: each ``f_jvp`` request carries only tangents.
+      ``linearize(grad(f), x)[1]`` is the Hessian-vector product at ``x``, bound.
 
     >>> y, f_jvp = linearize(client.model("logistic_predict"), W, b)
     >>> f_jvp(v, 0.0)
+    >>> with linearize(grad(client.model("tanh_sq_sum")), X) as (g, hvp_at):
+    ...     hvp_at(V)  # only V travels
     """
-    return _bind(fun, primals, Pushforward, "linearize")
+    return _sessions.bind(_remote(fun, "linearize"), primals, "linearize")
 
 
 def hvp(

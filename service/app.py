@@ -19,13 +19,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import auth, errors, pages
+from service import auth, errors, pages, umbridge
 from service.engine import Engine, configure_jax
 from service.limits import ShapeBudget
 from service.metrics import Metrics
 from service.registry import Registry
 from service.routes import router
 from service.schemas import REQUESTS
+from service.session_routes import router as session_router
 from service.settings import Settings
 from service.state import State
 
@@ -127,7 +128,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    # Before `router`: its POST /v1/models/{name}/{op} catches every op name.
+    app.include_router(session_router)
     app.include_router(router)
+    umbridge.install(app, settings)  # UM-Bridge 1.0 at the root paths
     app.state.shape_budget = ShapeBudget(settings.max_shapes_per_minute)
     keyring = auth.install(app, settings)  # inside RequestContext: refusals get ids, metrics
     pages.install(app, with_keys=bool(keyring))

@@ -1,5 +1,9 @@
 """API keys: `Authorization: Bearer <key>`, checked by a small ASGI layer before any route runs.
 
+HTTP Basic whose password is a key (`Authorization: Basic base64(user:KEY)`) is accepted too,
+on every path: it is how a key travels in a URL (`http://user:KEY@host:8000`), the only way
+UM-Bridge's clients (Python, C++, R, MATLAB, Julia) can send one. The user name is ignored.
+
 Keys come from `GRADSERVE_API_KEYS` (`key[:scope+scope]`, comma-separated) or from
 `GRADSERVE_API_KEYS_FILE`, which holds only SHA-256 hashes (`gradserve hash-key` writes its
 lines), so a leaked file gives no key away. Every key is hashed and compared with
@@ -27,7 +31,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from client.errors import Unauthorized
-from service.errors import problem_response
+from service.errors import UMBRIDGE_PATHS, render
 from service.settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -86,18 +90,12 @@ class KeyRing:
         """The scopes of the key in an Authorization header; `Unauthorized` (401) without one."""
         if not header:
             raise Unauthorized(
-                "this server needs an API key: send 'Authorization: Bearer <key>'",
+                "this server needs an API key: send 'Authorization: Bearer <key>', or put it "
+                "in the URL as the password (http://user:KEY@host)",
                 code="missing_key",
                 headers={"WWW-Authenticate": _REALM},
             )
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized(
-                "the Authorization header must be 'Bearer <key>'",
-                code="invalid_key",
-                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_request"'},
-            )
-        given = digest(key.strip())
+        given = digest(_key_of(header))
         scopes: frozenset[str] | None = None
         for stored, entry_scopes in self.entries:  # no early exit: same time for every key
             if hmac.compare_digest(given, stored) and scopes is None:
@@ -109,6 +107,29 @@ class KeyRing:
                 headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
             )
         return scopes
+
+
+def _key_of(header: str) -> str:
+    """The key in `Bearer <key>`, or the password of `Basic base64(user:password)`."""
+    scheme, _, credentials = header.strip().partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    key = ""
+    if scheme == "bearer":
+        key = credentials
+    elif scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            decoded = ""
+        key = decoded.partition(":")[2]  # RFC 7617: the user name holds no colon
+    if not key:
+        raise Unauthorized(
+            "the Authorization header must be 'Bearer <key>', or 'Basic' credentials whose "
+            "password is the key",
+            code="invalid_key",
+            headers={"WWW-Authenticate": f'{_REALM}, error="invalid_request"'},
+        )
+    return key
 
 
 def read_keys_file(path: Path) -> Iterable[tuple[bytes, frozenset[str]]]:
@@ -136,7 +157,7 @@ def required_scope(path: str) -> str | None:
         return None
     if path.startswith("/models/"):  # model pages compute (their point, their plots)
         return "compute"
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith("/v1/") or path in UMBRIDGE_PATHS:
         return "compute"
     if path == "/admin" or path.startswith("/admin/"):
         return "admin"
@@ -155,7 +176,7 @@ class Authenticate:
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         try:
-            scopes = self.keyring.authenticate(basic_as_bearer(header))
+            scopes = self.keyring.authenticate(header)
             if need and need not in scopes:
                 raise Unauthorized(
                     f"this key lacks the {need!r} scope that {scope['path']} needs",
@@ -169,7 +190,7 @@ class Authenticate:
             if e.status == 401 and is_page(scope["path"]):
                 e.headers = {"WWW-Authenticate": BASIC_CHALLENGE}  # the browser's own prompt
             request_id = scope.get("state", {}).get("request_id")
-            await problem_response(e, request_id)(scope, receive, send)
+            await render(e, request_id, scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})["scopes"] = scopes
         await self.app(scope, receive, send)
@@ -185,21 +206,6 @@ def is_page(path: str) -> bool:
     return path in ("/", "/live.json") or path.startswith("/models/")
 
 
-def basic_as_bearer(header: str) -> str:
-    """`Basic base64(user:key)` -> `Bearer key`: a browser's prompt sends the key as the
-    password (any user name). Other headers pass unchanged, and so do Basic credentials
-    without a password, which then fail as before."""
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return header
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return header
-    _, colon, key = decoded.partition(":")
-    return f"Bearer {key}" if colon and key else header
-
-
 def install(app: FastAPI, settings: Settings) -> KeyRing:
     """Add the key check when keys are configured; the keys, empty when they are not."""
     keyring = KeyRing.from_settings(settings)
@@ -210,14 +216,17 @@ def install(app: FastAPI, settings: Settings) -> KeyRing:
 
 def document(schema: dict[str, Any]) -> None:
     """Mark in an OpenAPI schema each operation that needs a bearer key."""
-    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    schemes["basic"] = {
         "type": "http",
-        "scheme": "bearer",
+        "scheme": "basic",
+        "description": "any user name, the key as the password (a key in a URL)",
     }
     for path, operations in schema.get("paths", {}).items():
         if required_scope(path) is not None:
             for operation in operations.values():
-                operation["security"] = [{"bearer": []}]
+                operation["security"] = [{"bearer": []}, {"basic": []}]
 
 
 # ---------------------------------------------------------------------------- binding

@@ -21,7 +21,7 @@ from client.specs import ArraySpec, canonical_dtype, check_args, dtype_name
 from client.wire import decode_tree
 from service import limits
 from service.layout import outer_specs, per_example
-from service.registry import Model
+from service.registry import Config, Model
 from service.schemas import OP_OPTIONS, REQUESTS
 from service.settings import Settings
 from service.transforms import Program, Transform, build_program
@@ -37,14 +37,16 @@ class Call:
     args: tuple
     extra: Any  # tangents (tuple), cotangent (tree) or None
     binary: bool = False
+    config: Config = ()  # the model's static options (Model.resolve_config)
 
     @cached_property
     def signature(self) -> tuple:
-        """What decides a compile: the program and the inputs' structure, shapes and dtypes.
+        """What decides a compile: the program, the inputs' structure, shapes and dtypes, and
+        the model's config.
 
         Requests with equal signatures share an executable, and may be batched together.
         """
-        return self.program, avals_key((self.args, self.extra))
+        return self.program, avals_key((self.args, self.extra)), self.config
 
     @property
     def batch_size(self) -> int | None:
@@ -140,7 +142,8 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
             canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",))
         )
         _check_batch(model.name, leaves(extra), "cotangent", program.batched)
-    call = Call(model, op, program, args, extra, request.binary)
+    config = model.spec.resolve_config(request.config)
+    call = Call(model, op, program, args, extra, request.binary, config)
     limits.check_batch(call, settings)
     return call
 

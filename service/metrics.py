@@ -105,6 +105,36 @@ class Metrics:
             ["direction"],
             registry=registry,
         )
+        # Derivative sessions (service/sessions.py).
+        self.sessions_live = Gauge(
+            "gradserve_sessions",
+            "Live derivative sessions, by device",
+            ["device"],
+            registry=registry,
+        )
+        self.session_bytes = Gauge(
+            "gradserve_session_bytes",
+            "Bytes of residuals held by sessions, by device",
+            ["device"],
+            registry=registry,
+        )
+        self.session_evictions = Counter(
+            "gradserve_session_evictions",
+            "Sessions evicted before their TTL: memory (the device's budget), key_cap",
+            ["reason"],
+            registry=registry,
+        )
+        self.session_expirations = Counter(
+            "gradserve_session_expirations", "Sessions dropped at their TTL", registry=registry
+        )
+        self.session_hits = Counter(
+            "gradserve_session_hits", "Products served from a live session", registry=registry
+        )
+        self.session_misses = Counter(
+            "gradserve_session_misses",
+            "Session requests answered session_not_found",
+            registry=registry,
+        )
 
         # Children bound once: `labels()` takes a lock and a dict lookup per call, and these
         # are hit several times by every request.

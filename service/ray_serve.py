@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -39,6 +40,14 @@ MAX_ONGOING_REQUESTS = 64
 GPU_MEMORY_HEADROOM = 0.9
 # How long a replica's start-up may wait for warm-up before it takes requests regardless.
 WARMUP_TIMEOUT_S = 600.0
+
+# Derivative sessions live in the replica that opened them. Ray's consistent-hash router sends
+# every request carrying the same `X-Session-ID` header (Ray's RAY_SERVE_SESSION_ID_HEADER_KEY)
+# to one replica; the client sends one such key with a session's linearize and its products.
+# Requests without it are spread evenly; under backpressure a request may go to the next
+# replica on the ring, where a session is not found and the client recomputes statelessly.
+SESSION_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+SESSION_ROUTER_FALLBACKS = 2
 
 RAY_FLAGS = (
     "address",
@@ -266,10 +275,29 @@ def app_builder(settings: Settings) -> Callable[[], FastAPI]:
     return build
 
 
+def session_routing() -> dict[str, Any] | None:
+    """The request router that keeps a session's requests on one replica, if this Ray has it
+    (else None: Ray's default routing, and the client's fallback keeps results right)."""
+    module = SESSION_ROUTER.rpartition(".")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        log.warning("this Ray lacks %s: session products may miss their replica", SESSION_ROUTER)
+        return None
+    return {
+        "request_router_class": SESSION_ROUTER,
+        "request_router_kwargs": {"num_fallback_replicas": SESSION_ROUTER_FALLBACKS},
+    }
+
+
 def deployment_options(
-    options: RayOptions, environ: Mapping[str, str] = os.environ
+    options: RayOptions,
+    environ: Mapping[str, str] = os.environ,
+    request_router: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `serve.deployment`: replicas, resources, environment."""
+    """Keyword arguments of `serve.deployment`: replicas, resources, environment, routing."""
     scale: dict[str, Any] = {"num_replicas": options.replicas}
     if options.autoscale is not None:
         low, high = options.autoscale
@@ -283,6 +311,7 @@ def deployment_options(
     return {
         "name": APP_NAME,
         **scale,
+        **({"request_router_config": request_router} if request_router else {}),
         "max_ongoing_requests": MAX_ONGOING_REQUESTS,
         "ray_actor_options": {
             "num_cpus": options.cpus_per_replica,
@@ -302,7 +331,7 @@ def deploy(settings: Settings, options: RayOptions) -> None:
 
     ingress = serve.ingress(app_builder(replica_settings(settings, options)))
 
-    @serve.deployment(**deployment_options(options))
+    @serve.deployment(**deployment_options(options, request_router=session_routing()))
     @ingress
     class Gradserve:
         """One replica: a whole gradserve app (models, engine, compile cache)."""

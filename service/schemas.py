@@ -122,6 +122,10 @@ class OpRequest(_Body):
         default_factory=list,
         description="(extension) transforms applied to the model before this op, innermost first",
     )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="(extension) the model's static options by name; each value compiles once",
+    )
 
 
 class EvalRequest(OpRequest):

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     warmup: bool = True
 
+    # Derivative sessions (service/sessions.py): bytes of residuals per device (None: a share
+    # of the device's memory, see service/engine), the TTL (default and cap), and live
+    # sessions per API key before that key's least recently used one is evicted.
+    session_memory: int | None = Field(None, ge=0)
+    session_ttl_s: float = Field(300.0, gt=0)
+    session_max_per_key: int = Field(256, ge=1)
+
     # Counted from the body's bytes before parsing (service/limits.py): 413.
     max_json_depth: int = Field(64, ge=2, le=1000)
     max_json_elements: int = 2**22

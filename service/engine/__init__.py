@@ -25,6 +25,7 @@ from service.engine.compiler import CompileCache, Compiler
 from service.engine.worker import DeviceWorkers, Item, Outcome, batch_key
 from service.metrics import Metrics
 from service.registry import Model, Registry
+from service.sessions import SessionStore
 from service.settings import Settings
 from service.transforms import build_program
 
@@ -70,6 +71,12 @@ class Engine:
         # wait for companions only while some are on their way.
         self._arriving: dict[str, int] = {}
         used = {d for devices in self._placement.values() for d in devices}
+        self.sessions = SessionStore(
+            {d: session_budget(d, settings, sum(u.platform == "cpu" for u in used)) for d in used},
+            ttl_s=settings.session_ttl_s,
+            max_per_key=settings.session_max_per_key,
+            metrics=metrics,
+        )
         self._workers = {
             device: DeviceWorkers(
                 device,
@@ -82,6 +89,7 @@ class Engine:
                 max_queue=settings.max_queue,
                 max_batch_size=settings.max_batch_size,
                 max_batch_delay=settings.max_batch_delay_ms / 1e3,
+                sessions=self.sessions,
             )
             for device in sorted(used, key=lambda d: (d.platform, d.id))
         }
@@ -132,15 +140,20 @@ class Engine:
                 for device in self._placement.get(model, ()):
                     self._workers[device].poke()
 
-    def submit(self, call: Call) -> Awaitable[Outcome]:
+    def submit(self, call: Call, device: jax.Device | None = None) -> Awaitable[Outcome]:
         """Queue `call` on the least-loaded device of its model now; await the result later.
 
-        429 when that queue is full; 504 at the deadline, with the work dropped if it has not
-        started (work already running finishes, and its answer is discarded).
+        `device` pins it instead (a session's products run where its residuals are). 429 when
+        that queue is full; 504 at the deadline, with the work dropped if it has not started
+        (work already running finishes, and its answer is discarded).
         """
-        workers = min(
-            (self._workers[d] for d in self._placement[call.model.name]), key=lambda w: w.load
-        )
+        if device is not None:
+            workers = self._workers[device]
+        else:
+            workers = min(
+                (self._workers[d] for d in self._placement[call.model.name]),
+                key=lambda w: w.load,
+            )
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
         workers.submit(item)
@@ -170,6 +183,7 @@ class Engine:
     def close(self) -> None:
         for workers in self._workers.values():
             workers.close()
+        self.sessions.close()
         self.metrics.stop_counting_persistent_cache_events(self._listener)
 
     # -- warm-up --------------------------------------------------------------------------
@@ -193,6 +207,30 @@ class Engine:
                         break  # e.g. grad of a non-scalar model: not a common op for it
                     compiled += seconds > 0
         return compiled
+
+
+# Without GRADSERVE_SESSION_MEMORY, sessions may hold this share of an accelerator's memory,
+# or of the host's RAM split over the CPU devices the server uses.
+SESSION_MEMORY_SHARE = 0.25
+SESSION_HOST_MEMORY_SHARE = 0.125
+
+
+def session_budget(device: jax.Device, settings: Settings, cpu_devices: int) -> int:
+    """Bytes of residuals sessions may hold on `device` (CPU devices share the host's RAM)."""
+    if settings.session_memory is not None:
+        return settings.session_memory
+    if device.platform != "cpu":
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # some backends do not report memory
+            limit = None
+        if limit:
+            return int(limit * SESSION_MEMORY_SHARE)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        ram = 8 * 2**30
+    return int(ram * SESSION_HOST_MEMORY_SHARE / max(1, cpu_devices))
 
 
 def _example(spec: Any) -> Any:

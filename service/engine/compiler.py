@@ -20,6 +20,7 @@ import numpy as np
 from client.errors import APIError, InvalidInput, PayloadTooLarge
 from client.specs import ArraySpec, check_args, dtype_name
 from service.calls import Call, avals_key
+from service.engine.linearization import Linearization, ProductProgram
 from service.metrics import Metrics
 from service.transforms import compose, program_function
 
@@ -32,6 +33,7 @@ class CacheKey:
     device: int
     avals: tuple
     bucket: int = 0  # 0: unbatched; else the padded batch size of a vmapped executable
+    config: tuple = ()  # the model's static options (Call.config)
 
 
 class CompileCache:
@@ -118,9 +120,11 @@ class Compiler:
         if not bucket:
             self._raise_if_refused(key)
         t0 = time.perf_counter()
-        fn = program_function(model.bound(), call.program, model.name)
+        fn = _function(call)
         if bucket:
-            stacked = jax.vmap(fn, in_axes=(None, 0, 0))
+            # Products of one session share its residuals: only their tangents are stacked.
+            shared = getattr(call.program, "shares_args", False)
+            stacked = jax.vmap(fn, in_axes=(None, None if shared else 0, 0))
             compiled = _lower(stacked, device, params, args, extra).compile()
         else:
             try:
@@ -142,6 +146,43 @@ class Compiler:
         self.metrics.compiles.labels(model.name).inc()
         self.metrics.compile_seconds.observe(seconds)
         return compiled, seconds
+
+    def linearization(
+        self, call: Call, device: jax.Device, params: Any, budget: int
+    ) -> tuple[Linearization, float]:
+        """The traced and compiled linearize program of `call` (a session's first step), and
+        the seconds spent compiling it (0 on a hit).
+
+        Its residuals' sizes are known once it is traced, so a session over `budget` bytes is
+        refused (413, remembered like any refusal) before anything compiles or runs.
+        """
+        model = call.model
+        key = self._key(call, device, call.args, None, 0)
+        found = self.cache.get(key)
+        if found is not None:
+            return found, 0.0
+        self._raise_if_refused(key)
+        t0 = time.perf_counter()
+        lin = Linearization()
+        fn = lin.tracer(model.bound(call.config), call.program, model.name)
+        try:
+            lowered = _lower(fn, device, params, call.args, None)
+            self._check_output_size(call, list(lin.out_avals))
+            lin.check_size(model.name, budget)
+        except APIError as e:
+            self._refused(key, e)
+            raise
+        except Exception as e:
+            raise self._refused(key, model_error(call, e)) from None
+        try:
+            lin.executable = lowered.compile()
+        except Exception as e:
+            raise model_error(call, e) from None
+        seconds = time.perf_counter() - t0
+        self.cache.put(key, lin)
+        self.metrics.compiles.labels(model.name).inc()
+        self.metrics.compile_seconds.observe(seconds)
+        return lin, seconds
 
     def _raise_if_refused(self, key: CacheKey) -> None:
         with self._refusals_lock:
@@ -168,7 +209,9 @@ class Compiler:
     def _key(call: Call, device: jax.Device, args: Any, extra: Any, bucket: int) -> CacheKey:
         avals = avals_key((args, extra)) if bucket else call.signature[1]
         model = call.model
-        return CacheKey(model.name, model.spec.version, call.program, device.id, avals, bucket)
+        return CacheKey(
+            model.name, model.spec.version, call.program, device.id, avals, bucket, call.config
+        )
 
     def _check_output_size(self, call: Call, out: Any) -> None:
         size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out))
@@ -182,7 +225,7 @@ class Compiler:
 
     def _check_cotangent(self, call: Call, params: Any, args: tuple) -> None:
         """The cotangent must match the output of the function being pulled back."""
-        bound = call.model.bound()
+        bound = call.model.bound(call.config)
         f = compose(lambda *a: bound(params, *a), call.program.transforms, call.model.name)
         function_output = jax.eval_shape(f, *args)
         batched = call.program.batched
@@ -193,6 +236,13 @@ class Compiler:
         check_args(
             call.model.name, [jax.tree.map(spec, function_output)], [call.extra], what="cotangent"
         )
+
+
+def _function(call: Call) -> Callable:
+    """`(params, args, extra) -> output` for `call`'s program."""
+    if isinstance(call.program, ProductProgram):
+        return call.program.function()
+    return program_function(call.model.bound(call.config), call.program, call.model.name)
 
 
 def _lower(fn: Callable, device: jax.Device, *args: Any) -> Any:

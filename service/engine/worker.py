@@ -26,7 +26,9 @@ import numpy as np
 from client.errors import APIError, ServerBusy
 from service.calls import Call
 from service.engine.compiler import Compiler, model_error
+from service.engine.linearization import LinearizeCall, LinearizeProgram
 from service.metrics import Metrics
+from service.sessions import SessionStore
 
 log = logging.getLogger("gradserve")
 
@@ -101,7 +103,9 @@ class DeviceWorkers:
         max_queue: int,
         max_batch_size: int,
         max_batch_delay: float,
+        sessions: SessionStore | None = None,
     ) -> None:
+        self.sessions = sessions
         self.device, self.compiler, self.metrics, self.params_for = (
             device,
             compiler,
@@ -328,6 +332,8 @@ class DeviceWorkers:
         self._compiler_thread.submit(compile_bucket)
 
     def _run_single(self, call: Call) -> tuple[Any, float, float, str]:
+        if isinstance(call.program, LinearizeProgram):
+            return self._run_linearize(call)
         params = self.params_for(call.model, self.device)
         # Host arrays go straight in: the executable moves them to its device, at a fraction
         # of the cost of a separate jax.device_put.
@@ -341,14 +347,42 @@ class DeviceWorkers:
             raise model_error(call, e, running=True) from None
         return value, compile_s, time.perf_counter() - t0, where
 
+    def _run_linearize(self, call: LinearizeCall) -> tuple[Any, float, float, str]:
+        """A session's first step: run the linearize program, keep its residuals here.
+
+        The value goes back to the client; the residuals stay on this device, in the store.
+        """
+        assert self.sessions is not None
+        params = self.params_for(call.model, self.device)
+        lin, compile_s = self.compiler.linearization(
+            call, self.device, params, self.sessions.budget(self.device)
+        )
+        self.sessions.make_room(self.device, lin.nbytes)  # free the memory before using it
+        t0 = time.perf_counter()
+        try:
+            value, residuals = lin.executable(params, call.args, None)
+            jax.block_until_ready(residuals)
+        except Exception as e:
+            raise model_error(call, e, running=True) from None
+        host, where = _fetch(value)
+        session = self.sessions.open(
+            call.owner, call.model, self.device, lin, tuple(residuals), call.ttl_s
+        )
+        return (host, session), compile_s, time.perf_counter() - t0, where
+
     def _run_batched(self, batch: list[Item]) -> tuple[list[Any], float, float, str]:
         call = batch[0].call
         bucket = bucket_for(len(batch))
         padded = [item.call for item in batch] + [call] * (bucket - len(batch))
         # Stack on the host: one transfer per leaf instead of one per request.
-        stacked_args, stacked_extra = jax.tree.map(
-            lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in padded]
-        )
+        if getattr(call.program, "shares_args", False):
+            # Products of one session: its residuals (on this device already) are shared.
+            stacked_args = call.args
+            stacked_extra = jax.tree.map(lambda *xs: np.stack(xs), *[c.extra for c in padded])
+        else:
+            stacked_args, stacked_extra = jax.tree.map(
+                lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in padded]
+            )
         params = self.params_for(call.model, self.device)
         # The unbatched program first: its checks (shapes, output size...) hold for every
         # item of the batch, and it is the fallback if the stacked program cannot be built.
@@ -371,4 +405,11 @@ class _BucketNotReady(Exception):
 
 
 def batch_key(call: Call) -> tuple:
+    """Calls with equal keys may run as one stacked program."""
+    if isinstance(call.program, LinearizeProgram):
+        return (call.model.name, "linearize", id(call))  # each opens its own session
+    if getattr(call.program, "shares_args", False):
+        # Products batch within one session (a shared, unstacked argument), never across:
+        # stacking different sessions' residuals would copy them all, costing more than it saves.
+        return (call.model.name, *call.signature, id(call.args))
     return (call.model.name, *call.signature)

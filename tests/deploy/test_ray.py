@@ -144,3 +144,31 @@ def test_replicas_enforce_the_keys(ray_server: str) -> None:
     assert response.status_code == 401, response.text
     assert response.json()["code"] == "missing_key"
     assert REPLICA_HEADER in response.headers
+
+
+def test_a_sessions_products_reach_its_replica(ray_server: str) -> None:
+    """The client's X-Session-ID keeps a session's requests on one replica (Ray's consistent-hash
+    routing): with two replicas, chance alone would send half of them elsewhere (a 404 there)."""
+    from client import Client, vjp
+
+    sent: list[httpx.Response] = []
+    http = httpx.Client(event_hooks={"response": [sent.append]}, timeout=60)
+    rng = np.random.default_rng(2)
+    with Client(ray_server, api_key=KEY, http_client=http) as c:
+        for _ in range(4):  # sessions with different keys, so both replicas hold some
+            W, b = rng.normal(size=3).astype(np.float32), np.float32(rng.normal())
+            first = len(sent)
+            _, pullback = vjp(c.model("logistic_predict"), W, b)
+            _, local = jax.vjp(cb.logistic_predict, W, b)
+            for _ in range(8):
+                u = rng.normal(size=4).astype(np.float32)
+                for g, w in zip(pullback(u), local(u), strict=True):
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+            answers = [r for r in sent[first:] if r.request.method == "POST"]
+            assert len(answers) == 9 and answers[0].request.url.path.endswith("/linearize")
+            assert all(r.status_code == 200 for r in answers), [r.status_code for r in answers]
+            assert len({r.headers[REPLICA_HEADER] for r in answers}) == 1
+    http.close()
+    # Collected sessions were deleted on the replicas that held them (204, not 404).
+    deletes = [r.status_code for r in sent if r.request.method == "DELETE"]
+    assert len(deletes) >= 2 and set(deletes) == {204}, deletes

@@ -126,6 +126,9 @@ def test_deployment_options() -> None:
     assert fixed["max_ongoing_requests"] == MAX_ONGOING_REQUESTS
     assert fixed["ray_actor_options"]["num_gpus"] == 0.5
     assert fixed["ray_actor_options"]["runtime_env"]["env_vars"] == {}
+    assert "request_router_config" not in fixed  # Ray's default routing unless one is given
+    routed = deployment_options(RayOptions(), environ={}, request_router={"a": 1})
+    assert routed["request_router_config"] == {"a": 1}
     scaled = deployment_options(RayOptions(autoscale=(0, 4)), environ={})
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"] == {

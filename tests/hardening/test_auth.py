@@ -76,7 +76,8 @@ def test_health_is_open_and_metrics_need_a_key(keyed):
 def test_openapi_documents_bearer_auth(keyed):
     schema = keyed.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    assert schema["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert schema["components"]["securitySchemes"]["basic"]["scheme"] == "basic"  # key in a URL
+    assert schema["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}, {"basic": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
