@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued requests per device before 429")
     max_batch_size: int = Field(32, ge=1, description="1 turns dynamic batching off")
     max_batch_delay_ms: float = Field(2.0, ge=0)
+    batches_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="batches of one model running at once per device (None: 1 on CPU, 2 on GPU)",
+    )
     compile_cache_size: int = Field(512, ge=1, description="compiled executables kept (LRU)")
     max_shapes_per_model: int = Field(32, ge=1, description="distinct input shapes kept per model")
     compile_cache_dir: Path | None = Field(default_factory=_default_cache_dir)
