@@ -87,7 +87,8 @@ async def read_body(request: Request, settings: Settings) -> bytes:
 
 
 def _too_large(size: int, limit: int, settings: Settings) -> PayloadTooLarge:
-    if limit == settings.max_json_bytes and limit < settings.max_body_bytes:
+    # Over the JSON limit only (npz would be taken): say so; over every limit: the plain 413.
+    if limit == settings.max_json_bytes and size <= settings.max_body_bytes:
         return PayloadTooLarge(
             f"JSON body of {size} bytes is over the {limit}-byte JSON limit; send arrays this "
             f"large as npz (Content-Type: {wire.NPZ}, up to {settings.max_body_bytes} bytes): "
