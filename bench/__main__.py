@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from bench import cases, sessions
+from bench import cases, limits, sessions
 from bench.harness import ROOT, Server, Table
 
 
@@ -29,7 +29,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
-    parser.add_argument("--only", default="abcdefgh", help="which cases, e.g. 'ac'")
+    parser.add_argument("--only", default="abcdefghjkl", help="which cases, e.g. 'ac'")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
@@ -55,6 +55,12 @@ def main() -> None:
         cases.restart(table)
     if "h" in args.only:
         sessions.run(table, reps)
+    if "j" in args.only:
+        cases.healthz_during_json(table, max(2, int(5 * scale)))
+    if "k" in args.only:
+        limits.transfer_floor(table, reps(30))
+    if "l" in args.only:
+        limits.batching(table, reps(10))
 
     report = table.markdown()
     print()

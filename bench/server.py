@@ -34,7 +34,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
-    settings = Settings(host="127.0.0.1", port=args.port)
+    settings = Settings(host="127.0.0.1", port=args.port)  # GRADSERVE_SERVER picks the stack
+    if settings.server == "granian":
+        from service.granian_server import serve_granian
+
+        serve_granian(build_app(settings), settings.model_copy(update={"log_level": "warning"}))
+        return
     uvicorn.run(
         build_app(settings), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
     )

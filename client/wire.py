@@ -153,7 +153,7 @@ def _reshape(arr: np.ndarray, shape: tuple[int, ...] | None, loc: tuple) -> np.n
 
 def decode_array(obj: Any, dtype: np.dtype | None = None, loc: tuple = ()) -> np.ndarray:
     """One leaf of any of the forms above -> ndarray. `dtype` applies to plain leaves."""
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, np.ndarray) and not isinstance(obj, JSONNumbers):
         return obj
     if not isinstance(obj, Mapping):
         return _numeric(obj, dtype or np.dtype(np.float32), loc)
@@ -206,6 +206,11 @@ def _decode_base64(text: Any, dtype: np.dtype, shape: Any, loc: tuple) -> np.nda
 # ---------------------------------------------------------------------------- pytrees
 
 
+class JSONNumbers(np.ndarray):
+    """A JSON list of numbers parsed straight into an array (`service.json_offload`): exactly
+    `np.asarray(the_list)`, and decoded like the list it was (the spec picks the dtype)."""
+
+
 def encode_tree(tree: Any, binary: bool = False) -> Any:
     """Pytree of arrays -> document: every array leaf explicit (or base64)."""
     if isinstance(tree, Mapping):
@@ -221,6 +226,8 @@ def _is_plain_array(obj: list) -> bool:
     # Looking down the first elements is enough: np.asarray refuses the ragged or mixed rest.
     while isinstance(obj, list) and obj:
         obj = obj[0]
+    if isinstance(obj, JSONNumbers):
+        return True
     return not isinstance(obj, (Mapping, np.ndarray, type(None)))
 
 
@@ -232,7 +239,10 @@ def decode_tree(
     The spec decides what the document cannot say by itself: the dtype of plain leaves,
     tuple versus list, and whether a list of numbers is one array or a list of scalars.
     """
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, JSONNumbers):
+        if isinstance(spec, (list, tuple)):  # a list the spec splits: what the list held
+            obj = list(obj) if obj.ndim > 1 else obj.tolist()
+    elif isinstance(obj, np.ndarray):
         return obj
     if isinstance(obj, Mapping):
         if is_leaf_object(obj):
@@ -256,7 +266,7 @@ def decode_tree(
         ]
     if obj is None:
         return None
-    if isinstance(obj, (bool, int, float, list)):
+    if isinstance(obj, (bool, int, float, list, JSONNumbers)):
         dtype = np.dtype(default_dtype)
         if isinstance(spec, ArraySpec) and spec.dtype is not None:
             dtype = dtype_from_name(spec.dtype)

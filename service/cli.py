@@ -1,4 +1,4 @@
-"""`gradserve serve ...`: run the server with uvicorn."""
+"""`gradserve serve ...`: run the server with uvicorn (default) or granian, or on Ray Serve."""
 
 from __future__ import annotations
 
@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--x64", action="store_true", default=None, help="enable 64-bit JAX (GRADSERVE_X64)"
     )
-    serve.add_argument("--log-level", help="uvicorn log level (default info)")
+    serve.add_argument("--log-level", help="server log level (default info)")
+    serve.add_argument(
+        "--server",
+        choices=("uvicorn", "granian"),
+        help="HTTP server (env GRADSERVE_SERVER; default uvicorn; granian moves large bodies faster)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -54,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "models": args.models,
         "x64": args.x64,
         "log_level": args.log_level,
+        "server": args.server,
         "builtin_models": False if args.no_builtin_models else None,
         "insecure": True if args.insecure else None,
     }

@@ -93,10 +93,12 @@ async def compute(request: Request, name: str, op: str) -> Response:
     request.scope["gradserve.batch"] = outcome.batch_size  # the pages' live figures
     fields = package(call.op, call.program, outcome.value)
     encode_start = time.perf_counter()
-    big = answer_media == wire.NPZ or _result_bytes(outcome.value) >= _INLINE_BYTES
+    result_bytes = _result_bytes(outcome.value)
+    big = answer_media == wire.NPZ or result_bytes >= _INLINE_BYTES
+    offload = bool(settings.json_offload_bytes) and result_bytes >= settings.json_offload_bytes
     encode = codec.encode_body
     content = (
-        await run_in_threadpool(encode, fields, answer_media, call.binary)
+        await run_in_threadpool(encode, fields, answer_media, call.binary, offload)
         if big
         else encode(fields, answer_media, call.binary)
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     builtin_models: bool = True
     x64: bool = False
     log_level: str = "info"
+    # The HTTP server (service/shutdown.py, service/granian_server.py); Ray Serve has its own.
+    server: Literal["uvicorn", "granian"] = "uvicorn"
 
     # Limits: each refused with its PROTOCOL.md status before any compute.
     max_body_bytes: int = 512 * 2**20
@@ -41,6 +43,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued requests per device before 429")
     max_batch_size: int = Field(32, ge=1, description="1 turns dynamic batching off")
     max_batch_delay_ms: float = Field(2.0, ge=0)
+    batches_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="batches of one model running at once per device (None: 1 on CPU, 2 on GPU)",
+    )
     compile_cache_size: int = Field(512, ge=1, description="compiled executables kept (LRU)")
     max_shapes_per_model: int = Field(32, ge=1, description="distinct input shapes kept per model")
     compile_cache_dir: Path | None = Field(default_factory=_default_cache_dir)
@@ -59,6 +66,11 @@ class Settings(BaseSettings):
     # Counted from the body's bytes before parsing (service/limits.py): 413.
     max_json_depth: int = Field(64, ge=2, le=1000)
     max_json_elements: int = 2**22
+    # JSON bodies over this many bytes: 413 naming npz (a JSON float costs ~10 bytes and ~15
+    # ns to parse, an npz float 4 bytes and nothing). Above `json_offload_bytes` JSON is parsed
+    # and printed in a helper process (service/json_offload.py) so the event loop never stalls.
+    max_json_bytes: int = Field(64 * 2**20, ge=1)
+    json_offload_bytes: int = Field(2**20, ge=0, description="0 keeps all JSON in-process")
     max_batch_tangents: int = 1024
     # New (uncached) argument shapes a model may take per minute; each costs a compile: 429.
     max_shapes_per_minute: int = 60

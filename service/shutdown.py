@@ -60,6 +60,10 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app: FastAPI, settings: Settings) -> int:
     """Serve `app` until stopped; 0 after a graceful stop, 3 when it could not start."""
+    if settings.server == "granian":
+        from service.granian_server import serve_granian
+
+        return serve_granian(app, settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -91,6 +91,7 @@ class Engine:
                 max_batch_size=settings.max_batch_size,
                 max_batch_delay=settings.max_batch_delay_ms / 1e3,
                 sessions=self.sessions,
+                in_flight=settings.batches_in_flight,
             )
             for device in sorted(used, key=lambda d: (d.platform, d.id))
         }

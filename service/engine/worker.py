@@ -54,6 +54,7 @@ class Item:
     enqueued: float
     cancelled: bool = False  # set by the event loop at the deadline: drop if not started
     runner: int | None = None  # the worker thread that took it
+    batch_wait: float = 0.0  # seconds its worker waited for companions (0: it never waited)
 
     def resolve(self, outcome: Outcome | None, error: BaseException | None = None) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, outcome, error)
@@ -87,6 +88,18 @@ def bucket_for(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def batches_in_flight(device: jax.Device, setting: int | None) -> int:
+    """Batches of one model a device runs at once: what it can overlap.
+
+    A CPU runs one XLA program on all its cores, so a second batch of the same model would only
+    split them; holding it back lets its requests join the next, larger batch instead. A GPU
+    overlaps one batch's transfers with another's compute: two.
+    """
+    if setting is not None:
+        return setting
+    return 1 if device.platform == "cpu" else 2
+
+
 class DeviceWorkers:
     """The queue of one device and the threads that drain it."""
 
@@ -104,6 +117,7 @@ class DeviceWorkers:
         max_batch_size: int,
         max_batch_delay: float,
         sessions: SessionStore | None = None,
+        in_flight: int | None = None,
     ) -> None:
         self.sessions = sessions
         self.device, self.compiler, self.metrics, self.params_for = (
@@ -128,6 +142,11 @@ class DeviceWorkers:
         self._unbatchable: set[tuple] = set()
         self._compiling: set[tuple] = set()
         self._active: set[int] = set()  # worker threads running a batch (their load)
+        # Batches running per batch key, at most `in_flight` each: the queue fills meanwhile,
+        # and the next worker takes it whole (up to the limit) as one batch.
+        self.in_flight = batches_in_flight(device, in_flight)
+        self._running: dict[tuple, int] = {}
+        self._running_key: dict[int, tuple] = {}  # worker thread -> the key it holds a slot of
         # Those of `_active` inside a computation that passed its deadline. Python cannot stop
         # them, so each is replaced by a fresh thread (up to `max_overdue`) and leaves when
         # its computation ends: one hung model cannot take every worker of a device.
@@ -186,6 +205,7 @@ class DeviceWorkers:
                 return
             self._overdue.add(runner)
             self._overdue_gauge.set(len(self._overdue))
+            self._release_slot(runner)  # a stuck batch must not hold back its model's next
             self._start_thread()
         log.warning(
             "%s of '%s' is still running past its deadline; another worker took its place on %s",
@@ -226,6 +246,7 @@ class DeviceWorkers:
                 answers = [(item, None, bug) for item in batch]
             with self._cond:
                 self._active.discard(me)
+                self._release_slot(me)
                 replaced = me in self._overdue
                 self._overdue.discard(me)
                 self._overdue_gauge.set(len(self._overdue))
@@ -234,16 +255,40 @@ class DeviceWorkers:
             if replaced:
                 return
 
+    def _release_slot(self, thread: int) -> None:
+        """Give back `thread`'s in-flight slot (lock held); waiting workers re-check the queue."""
+        key = self._running_key.pop(thread, None)
+        if key is None:
+            return
+        left = self._running[key] - 1
+        if left:
+            self._running[key] = left
+        else:
+            del self._running[key]
+        self._cond.notify_all()
+
+    def _take_first(self) -> Item | None:
+        """The oldest queued request whose key has a free in-flight slot (lock held)."""
+        if any(item.cancelled for item in self._queue):
+            self._queue = deque(item for item in self._queue if not item.cancelled)
+        for index, item in enumerate(self._queue):
+            if self._running.get(item.key, 0) < self.in_flight:
+                del self._queue[index]
+                return item
+        return None
+
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
             while True:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
                 if self._closed:
                     return None
-                first = self._queue.popleft()
-                if not first.cancelled:
+                first = self._take_first()
+                if first is not None:
                     break
+                self._cond.wait()
+            me = threading.get_ident()
+            self._running[first.key] = self._running.get(first.key, 0) + 1
+            self._running_key[me] = first.key
             now = time.perf_counter()
             limit = (
                 1
@@ -262,9 +307,10 @@ class DeviceWorkers:
                 self._companions.wait(remaining)
                 self._take_same_key(batch, limit)
             self._depth.set(len(self._queue))
-            me = threading.get_ident()
+            waited = time.perf_counter() - now if len(batch) > 1 else 0.0
             for item in batch:
                 item.runner = me
+                item.batch_wait = waited
             self._active.add(me)
             return batch
 
@@ -292,7 +338,9 @@ class DeviceWorkers:
             else:
                 values, compile_s, compute_s, where = self._run_batched(batch)
         except _BucketNotReady:
-            return [answer for item in batch for answer in self._execute([item])]
+            # Halves, each in the largest bucket below: compiled already, or split further.
+            half = bucket_for(len(batch)) // 2
+            return self._execute(batch[:half]) + self._execute(batch[half:])
         except Exception as error:
             if len(batch) > 1 and not isinstance(error, APIError):
                 # The stacked program failed (say, the model cannot be vmapped): never batch
@@ -309,19 +357,28 @@ class DeviceWorkers:
             timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
             for phase, seconds in timings.items():
                 self.metrics.phases[phase].observe(seconds)
+            timings["batch_wait"] = item.batch_wait  # Server-Timing: what batching cost it
             answers.append((item, Outcome(value, timings, len(batch), where), None))
         return answers
 
-    def _compile_later(
-        self, key: tuple, call: Call, params: Any, args: Any, extra: Any, bucket: int
-    ) -> None:
+    def _compile_later(self, key: tuple, call: Call, params: Any, upto: int) -> None:
+        """Compile, on the side thread, every bucket from 2 up to `upto` (the concurrency seen
+        now) not compiled yet: the next burst of any size up to it runs batched at once."""
         with self._cond:
-            if (key, bucket) in self._compiling:
-                return
-            self._compiling.add((key, bucket))
+            limit = call.model.spec.max_batch_size or self.max_batch_size
+            buckets = []
+            bucket = 2
+            while bucket <= bucket_for(min(upto, limit)):
+                if (key, bucket) not in self._compiling:
+                    self._compiling.add((key, bucket))
+                    buckets.append(bucket)
+                bucket *= 2
 
-        def compile_bucket() -> None:
+        def compile_bucket(bucket: int) -> None:
             try:
+                if key in self._unbatchable:
+                    return
+                args, extra = _stack([call] * bucket)
                 self.compiler.executable(call, self.device, params, args, extra, bucket)
             except Exception as error:  # the model cannot be vmapped: stop batching it
                 log.warning("batching %s failed (%s); running unbatched", call.model.name, error)
@@ -330,7 +387,8 @@ class DeviceWorkers:
                 with self._cond:
                     self._compiling.discard((key, bucket))
 
-        self._compiler_thread.submit(compile_bucket)
+        for bucket in buckets:
+            self._compiler_thread.submit(compile_bucket, bucket)
 
     def _run_single(self, call: Call) -> tuple[Any, float, float, str]:
         if isinstance(call.program, LinearizeProgram):
@@ -375,15 +433,7 @@ class DeviceWorkers:
         call = batch[0].call
         bucket = bucket_for(len(batch))
         padded = [item.call for item in batch] + [call] * (bucket - len(batch))
-        # Stack on the host: one transfer per leaf instead of one per request.
-        if getattr(call.program, "shares_args", False):
-            # Products of one session: its residuals (on this device already) are shared.
-            stacked_args = call.args
-            stacked_extra = jax.tree.map(lambda *xs: np.stack(xs), *[c.extra for c in padded])
-        else:
-            stacked_args, stacked_extra = jax.tree.map(
-                lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in padded]
-            )
+        stacked_args, stacked_extra = _stack(padded)
         params = self.params_for(call.model, self.device)
         # The unbatched program first: its checks (shapes, output size...) hold for every
         # item of the batch, and it is the fallback if the stacked program cannot be built.
@@ -392,13 +442,26 @@ class DeviceWorkers:
         if compiled is None:
             # Compiling a bucket takes longer than running the batch one by one: do that now,
             # and compile on the side for the next batch of this size.
-            self._compile_later(batch[0].key, call, params, stacked_args, stacked_extra, bucket)
+            with self._cond:
+                seen = len(batch) + sum(item.key == batch[0].key for item in self._queue)
+            seen += self._arriving.get(call.model.name, 0)
+            self._compile_later(batch[0].key, call, params, seen)
             raise _BucketNotReady
         t0 = time.perf_counter()
         out, where = _fetch(compiled(params, stacked_args, stacked_extra))
         compute_s = time.perf_counter() - t0
         values = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(batch))]
         return values, compile_s, compute_s, where
+
+
+def _stack(calls: list[Call]) -> tuple[Any, Any]:
+    """The calls' arguments stacked on a new leading axis, on the host: one transfer per leaf
+    instead of one per request."""
+    call = calls[0]
+    if getattr(call.program, "shares_args", False):
+        # Products of one session: its residuals (on this device already) are shared.
+        return call.args, jax.tree.map(lambda *xs: np.stack(xs), *[c.extra for c in calls])
+    return jax.tree.map(lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in calls])
 
 
 class _BucketNotReady(Exception):
