@@ -18,6 +18,7 @@ import signal
 
 from fastapi import FastAPI
 
+from service import transport
 from service.settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -27,7 +28,6 @@ def serve_granian(app: FastAPI, settings: Settings) -> int:
     """Serve `app` with granian until stopped; 0 after a stop, 3 when it could not start."""
     try:
         from granian.constants import HTTPModes, Interfaces
-        from granian.http import HTTP1Settings
         from granian.log import LogLevels
         from granian.server.embed import Server
     except ImportError:
@@ -40,7 +40,7 @@ def serve_granian(app: FastAPI, settings: Settings) -> int:
         port=settings.port,
         interface=Interfaces.ASGI,
         http=HTTPModes.http1,
-        http1_settings=HTTP1Settings(keep_alive=True),
+        http1_settings=transport.granian_http1_settings(settings),  # 431, head timeout
         websockets=False,
         log_level=LogLevels(settings.log_level.lower()),
     )

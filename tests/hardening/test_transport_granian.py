@@ -4,6 +4,7 @@ trickled head is cut off. The app-level guards (quotas, cancellation) are the sa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -18,30 +19,15 @@ from bench.harness import ROOT, free_port
 
 pytest.importorskip("granian")
 
-SERVE = """
-import sys
-from granian.constants import HTTPModes, Interfaces
-from granian.server.embed import Server
-import asyncio
-from service import Settings, create_app
-from service.transport import granian_http1_settings
-
-settings = Settings(header_timeout_s=1.5, warmup=False, compile_cache_dir="")
-server = Server(
-    create_app(settings), address="127.0.0.1", port=int(sys.argv[1]),
-    interface=Interfaces.ASGI, http=HTTPModes.http1, websockets=False,
-    http1_settings=granian_http1_settings(settings),
-)
-asyncio.run(server.serve())
-"""
-
 
 @pytest.fixture(scope="module")
 def granian_server() -> Iterator[tuple[str, int, subprocess.Popen]]:
+    """The real `gradserve serve --server granian`, with a short head timeout."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(port)],
+        [sys.executable, "-m", "service", "serve", "--server", "granian", "--port", str(port)],
         cwd=ROOT,
+        env={**os.environ, "GRADSERVE_HEADER_TIMEOUT_S": "1.5", "GRADSERVE_WARMUP": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
