@@ -99,7 +99,11 @@ def refresh() -> int:
         if done.returncode:
             print("the install failed; constraints.txt is unchanged")
             return 1
-        env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "GRADSERVE_LOCK_REFRESH": "1",  # tests/deploy/test_lock.py: newest, not the lock
+        }
         tests = run(
             python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
             cwd=ROOT, env=env, capture_output=True,

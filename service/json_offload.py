@@ -37,10 +37,13 @@ class _Child:
 
     def __init__(self) -> None:
         root = str(Path(__file__).resolve().parents[1])
+        # Only what finding the modules needs: the parent's whole environment could hold a
+        # variable past the kernel's 128 KiB per-string limit (pytest's PYTEST_CURRENT_TEST
+        # names a test by its parameters), and the exec would fail with E2BIG.
         env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "HOME") if key in os.environ
         }
+        env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
             [sys.executable, str(_CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from bench.harness import ROOT
 
@@ -18,6 +21,8 @@ def pins() -> dict[str, str]:
 
 def test_this_environment_is_exactly_the_lock() -> None:
     """CI installs with -c constraints.txt: every package the extras need is at its pin."""
+    if os.environ.get("GRADSERVE_LOCK_REFRESH"):
+        pytest.skip("scripts/lock.py is refreshing: this venv holds the newest releases on purpose")
     done = subprocess.run(
         [sys.executable, "scripts/lock.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
