@@ -141,7 +141,7 @@ def prepare(model: Model, op: str, doc: Any, settings: Settings) -> Call:
         extra = tree_map(
             canonical, decode_tree(request.cotangent, default_dtype=default, loc=("cotangent",))
         )
-        _check_batch(model.name, leaves(extra), "cotangent", program.batched)
+        check_batch(model.name, leaves(extra), "cotangent", program.batched)
     config = model.spec.resolve_config(request.config)
     call = Call(model, op, program, args, extra, request.binary, config)
     limits.check_batch(call, settings)
@@ -161,10 +161,11 @@ def _check_tangents(model: str, specs: list, args: tuple, tangents: tuple, batch
         for spec in specs
     ]
     check_args(model, relaxed, tangents, what="tangent")
-    _check_batch(model, leaves(tangents), "tangents", batched)
+    check_batch(model, leaves(tangents), "tangents", batched)
 
 
-def _check_batch(model: str, leaves: list[np.ndarray], field: str, batched: bool) -> None:
+def check_batch(model: str, leaves: list[np.ndarray], field: str, batched: bool) -> None:
+    """Batched (co)tangents: one leading axis of the same size on every leaf (422)."""
     if not batched:
         return
     sizes = {x.shape[0] if x.ndim else None for x in leaves}

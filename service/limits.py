@@ -68,7 +68,7 @@ def check_batch(call: Call, settings: Settings) -> None:
     """Batched tangents or cotangents: B products in one request, at most the setting's B."""
     size, limit = call.batch_size, settings.max_batch_tangents
     if size is not None and size > limit:
-        field = "cotangent" if call.op == "vjp" else "tangents"
+        field = "cotangent" if call.op.endswith("vjp") else "tangents"  # vjp, session_vjp
         raise PayloadTooLarge(
             f"batched {field} of '{call.model.name}' hold {size} products; the limit is "
             f"{limit} per request. Split them into several requests.",

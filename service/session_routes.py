@@ -22,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 
 from client import wire
 from client._trees import leaves, tree_map
-from client.errors import InvalidInput, PayloadTooLarge
+from client.errors import InvalidInput
 from client.specs import canonical_dtype, check_args
-from service import auth, codec
-from service.calls import Call, prepare
+from service import auth, codec, limits
+from service.calls import Call, check_batch, prepare
 from service.engine import Outcome
 from service.engine.linearization import (
     LinearizeCall,
@@ -174,29 +174,11 @@ def product_call(session: Any, kind: str, doc: Any, settings: Settings) -> Call:
     # Structure checked: the programs take the flat leaves, so a list sent for a tuple (JSON
     # has no tuples) shares the executable of the tuple.
     flat = tuple(jax.tree.leaves(given))
-    if batched:
-        _check_batch(model, flat, field, settings)
+    check_batch(model, list(flat), field, batched)
     program = ProductProgram(lin, kind, batched)
-    return Call(session.model, program.apply, program, session.residuals, flat, request.binary)
-
-
-def _check_batch(model: str, flat: tuple, field: str, settings: Settings) -> None:
-    sizes = {x.shape[0] if x.ndim else None for x in flat}
-    if len(sizes) != 1 or None in sizes:
-        raise InvalidInput(
-            f"batched {field} of '{model}' need one leading batch axis of the same size on "
-            f"every leaf; got leading sizes {sorted(map(str, sizes))}",
-            code="batch_mismatch",
-            loc=(field,),
-        )
-    (size,) = sizes
-    if size > settings.max_batch_tangents:
-        raise PayloadTooLarge(
-            f"batched {field} of '{model}' hold {size} products; the limit is "
-            f"{settings.max_batch_tangents} per request. Split them into several requests.",
-            code="batch_too_large",
-            errors=[{"loc": [field], "msg": f"batch of {size} over {settings.max_batch_tangents}"}],
-        )
+    call = Call(session.model, program.apply, program, session.residuals, flat, request.binary)
+    limits.check_batch(call, settings)  # the same B limit as a stateless batched product
+    return call
 
 
 # ---------------------------------------------------------------------------- serving

@@ -318,6 +318,21 @@ def test_product_refusals(app_client: Any, kind: str, fields: dict, code: str) -
     assert r.status_code == 422 and r.json()["code"] == code, r.text
 
 
+def test_batched_products_over_the_batch_limit_are_413_naming_the_field(app_client: Any) -> None:
+    """The stateless path's B limit (limits.check_batch) guards session products too."""
+    limit = app_client.app.state.gradserve.settings.max_batch_tangents
+    _, s = open_session(app_client, "logistic_predict", args=[np.ones(3, np.float32), 0.5])
+    too_many = {
+        "jvp": {"tangents": [np.zeros((limit + 1, 3)).tolist(), [0.0] * (limit + 1)]},
+        "vjp": {"cotangent": np.zeros((limit + 1, 4)).tolist()},
+    }
+    for kind, fields in too_many.items():
+        r = app_client.post(f"/v1/sessions/{s['id']}/{kind}", json={**fields, "batched": True})
+        assert r.status_code == 413 and r.json()["code"] == "batch_too_large", r.text
+        field = "cotangent" if kind == "vjp" else "tangents"
+        assert r.json()["errors"][0]["loc"] == [field]
+
+
 def test_unknown_model_and_malformed_bodies(app_client: Any) -> None:
     r = app_client.post("/v1/models/nope/linearize", json={"args": [1.0]})
     assert r.status_code == 404 and r.json()["code"] == "model_not_found"
