@@ -6,9 +6,12 @@ Shared code lives here rather than in conftest.py: with a conftest.py in several
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jax
 import numpy as np
 
@@ -115,3 +118,23 @@ def seed_draws() -> dict[str, np.ndarray]:
         return {k: np.asarray(x) for k, x in draws.items()}
     finally:
         jax.config.update("jax_threefry_partitionable", before)
+
+
+def assert_tree_close(got: Any, want: Any, tol: float = 1e-5) -> None:
+    """Same structure, shapes and dtypes; values allclose at `tol` (float32 tolerance)."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+
+
+@contextmanager
+def recorded_client(url: str) -> Iterator[Any]:
+    """A `client.Client` whose `.requests` lists every HTTP request it sent (an httpx hook)."""
+    from client import Client
+
+    requests: list[httpx.Request] = []
+    hooks = {"request": [requests.append]}
+    with Client(url, http_client=httpx.Client(event_hooks=hooks)) as client:
+        client.requests = requests  # type: ignore[attr-defined]
+        yield client

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from client import Client
 from client.jax import as_jax
+from helpers import assert_tree_close, recorded_client
 from service.models import cookbook as cb
 
 RNG = np.random.default_rng(1)
@@ -24,19 +24,11 @@ b = np.float32(0.3)
 
 @pytest.fixture(scope="module")
 def c(client_server: Any) -> Iterator[Client]:
-    requests: list[httpx.Request] = []
-    with Client(
-        client_server.url, http_client=httpx.Client(event_hooks={"request": [requests.append]})
-    ) as client:
-        client.requests = requests  # type: ignore[attr-defined]
+    with recorded_client(client_server.url) as client:
         yield client
 
 
-def close(got: Any, want: Any, tol: float = 1e-5) -> None:
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+close = assert_tree_close
 
 
 def test_jit_grad_inside_a_local_computation(c: Client) -> None:

@@ -14,6 +14,7 @@ import pytest
 from client import Client, wire
 from client import _jax_sessions as kept
 from client.jax import as_jax
+from helpers import assert_tree_close, recorded_client
 from service.models import cookbook as cb
 
 RNG = np.random.default_rng(11)
@@ -23,19 +24,11 @@ b = np.float32(0.3)
 
 @pytest.fixture(scope="module")
 def c(client_server: Any) -> Iterator[Client]:
-    requests: list[httpx.Request] = []
-    with Client(
-        client_server.url, http_client=httpx.Client(event_hooks={"request": [requests.append]})
-    ) as client:
-        client.requests = requests  # type: ignore[attr-defined]
+    with recorded_client(client_server.url) as client:
         yield client
 
 
-def close(got: Any, want: Any, tol: float = 1e-5) -> None:
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+close = assert_tree_close
 
 
 def sent(c: Client, thunk: Any) -> tuple[Any, list[httpx.Request]]:
