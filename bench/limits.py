@@ -9,11 +9,13 @@ l. 32 concurrent single-sample grads of a compute-bound MLP (bench/batch_models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import jax
@@ -113,37 +115,51 @@ def batching(table: Table, rounds: int) -> None:
     ys = rng.integers(0, 10, (32, 1)).astype(np.int32)
     flags = ("--no-builtin-models", "--models", "bench.batch_models")
 
-    async def measure(url: str) -> tuple[float, float, float]:
-        async with AsyncClient(url, timeout=300) as c:
-            f = grad(c.model("big_mlp_loss"))
-            # The first burst's miss compiles the buckets up to 32 aside: warm until rounds
-            # stop getting faster (compiles done), at most 20 rounds.
-            best, slower = float("inf"), 0
-            for _ in range(20):
-                t0 = time.perf_counter()
-                await asyncio.gather(*(f(xs[i], ys[i]) for i in range(32)))
-                took = time.perf_counter() - t0
-                slower = slower + 1 if took > 0.9 * best else 0
-                best = min(best, took)
-                if slower >= 3:
-                    break
-            before, samples = _batch_metric(url), []
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                await asyncio.gather(*(f(xs[i], ys[i]) for i in range(32)))
-                samples.append(time.perf_counter() - t0)
-            after = _batch_metric(url)
-            lone = []
-            for i in range(rounds * 4):
-                t0 = time.perf_counter()
-                await f(xs[i % 32], ys[i % 32])
-                lone.append(time.perf_counter() - t0)
-        return median(samples), (after[0] - before[0]) / (after[1] - before[1]), median(lone)
+    async def clients_of(stack: contextlib.AsyncExitStack, url: str) -> list[Any]:
+        # 32 clients, as 32 users would have: one connection each. (One AsyncClient shared by
+        # 32 tasks pays httpcore's pool, quadratic in its connections: docs/profile.md.)
+        clients = [
+            await stack.enter_async_context(AsyncClient(url, timeout=300)) for _ in range(32)
+        ]
+        return [grad(c.model("big_mlp_loss")) for c in clients]
 
-    results = {}
-    for label, env in (("on", {}), ("off", {"GRADSERVE_MAX_BATCH_SIZE": "1"})):
-        with ServerProcess(*flags, env={"GRADSERVE_WARMUP": "false", **env}) as s:
-            results[label] = asyncio.run(measure(s.url))
+    async def burst(fs: list[Any]) -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(f(xs[i], ys[i]) for i, f in enumerate(fs)))
+        return time.perf_counter() - t0
+
+    async def lone(f: Any, i: int) -> float:
+        t0 = time.perf_counter()
+        await f(xs[i % 32], ys[i % 32])
+        return time.perf_counter() - t0
+
+    async def measure(on: str, off: str) -> dict[str, list[float]]:
+        """Both servers up at once, measured in turns, so that a change in the machine's load
+        reaches both sides of each ratio alike."""
+        async with contextlib.AsyncExitStack() as stack:
+            fs_on, fs_off = await clients_of(stack, on), await clients_of(stack, off)
+            for _ in range(3):
+                await burst(fs_on), await burst(fs_off)
+            before = _batch_metric(on)
+            out: dict[str, list[float]] = {"on": [], "off": [], "lone_on": [], "lone_off": []}
+            for _ in range(rounds):
+                out["on"].append(await burst(fs_on))
+                out["off"].append(await burst(fs_off))
+            after = _batch_metric(on)
+            out["mean_batch"] = [(after[0] - before[0]) / (after[1] - before[1])]
+            await asyncio.sleep(1.5)  # past the bursts' memory: the next requests are alone
+            for i in range(rounds * 4):
+                out["lone_on"].append(await lone(fs_on[0], i))
+                out["lone_off"].append(await lone(fs_off[0], i))
+        return out
+
+    # Warm-up compiles the model's buckets up to 32 (its `warmup_batch_size`).
+    warm = {"GRADSERVE_WARMUP": "true"}
+    with (
+        ServerProcess(*flags, env=warm) as on,
+        ServerProcess(*flags, env={**warm, "GRADSERVE_MAX_BATCH_SIZE": "1"}) as off,
+    ):
+        results = asyncio.run(measure(on.url, off.url))
     params = jax.tree.map(np.asarray, batch_models.init(jax.random.PRNGKey(0)))
     g = jax.jit(jax.grad(batch_models.big_mlp_loss, argnums=1))
     vg = jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))
@@ -159,7 +175,9 @@ def batching(table: Table, rounds: int) -> None:
         np.asarray(vg(params, xs, ys))
         many.append(time.perf_counter() - t0)
     engine = median(one) / median(many)
-    (t_on, mean_on, lone_on), (t_off, _, lone_off) = results["on"], results["off"]
+    t_on, t_off = median(results["on"]), median(results["off"])
+    lone_on, lone_off = median(results["lone_on"]), median(results["lone_off"])
+    mean_on = results["mean_batch"][0]
     gain = t_off / t_on
     table.add(
         Row(

@@ -114,6 +114,9 @@ class ModelDef:
     device: str | None = None
     replicas: int = 1  # devices of the preferred platform to place it on; 0: all of them
     max_batch_size: int | None = None  # overrides the server's; 1 turns batching off
+    # Warm-up also compiles the batched programs of the common ops up to this many requests
+    # (each power-of-two bucket), so the first burst runs batched instead of one by one.
+    warmup_batch_size: int = 0
     version: str = "1"
     example: Any = None  # args at which the model pages plot it (service/pages.py)
     # Static options passed to `fn` as keyword arguments: {name: default} or ConfigOptions.

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued requests per device before 429")
     max_batch_size: int = Field(32, ge=1, description="1 turns dynamic batching off")
     max_batch_delay_ms: float = Field(2.0, ge=0)
+    batch_patience_ms: float = Field(
+        100.0,
+        ge=0,
+        description="longest a worker waits for companions that recent concurrency says are "
+        "coming (at most one run of the batch it holds; 0: only for requests being decoded)",
+    )
     batches_in_flight: int | None = Field(
         None,
         ge=1,

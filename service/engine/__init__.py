@@ -7,6 +7,7 @@ never on the event loop, so the server keeps answering while every device is bus
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -22,8 +23,9 @@ from client.errors import APIError, DeadlineExceeded
 from client.specs import ArraySpec, dtype_from_name
 from service import disconnect
 from service.calls import Call
+from service.engine.batching import batch_key
 from service.engine.compiler import CompileCache, Compiler
-from service.engine.worker import DeviceWorkers, Item, Outcome, batch_key
+from service.engine.worker import DeviceWorkers, Item, Outcome
 from service.metrics import Metrics
 from service.registry import Model, Registry
 from service.sessions import SessionStore
@@ -33,6 +35,18 @@ from service.transforms import build_program
 __all__ = ["Engine", "Outcome"]
 
 log = logging.getLogger("gradserve")
+
+
+class _Arrival:
+    """A request counted in `Engine._arriving` until its call is queued."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.counted = model, True
+
+
+_ARRIVAL: contextvars.ContextVar[_Arrival | None] = contextvars.ContextVar(
+    "gradserve_arrival", default=None
+)
 
 WARMUP_OPS = ("eval", "grad", "value_and_grad")
 
@@ -90,6 +104,7 @@ class Engine:
                 max_queue=settings.max_queue,
                 max_batch_size=settings.max_batch_size,
                 max_batch_delay=settings.max_batch_delay_ms / 1e3,
+                batch_patience=settings.batch_patience_ms / 1e3,
                 sessions=self.sessions,
                 in_flight=settings.batches_in_flight,
             )
@@ -131,16 +146,21 @@ class Engine:
 
     @contextmanager
     def arriving(self, model: str) -> Iterator[None]:
-        """Count a request for `model` as on its way to a queue while the block runs."""
+        """Count a request for `model` as on its way to a queue while the block runs, or until
+        `submit` queues it (the count and the queue change together, under the queue's lock)."""
         self._arriving[model] = self._arriving.get(model, 0) + 1
+        arrival = _Arrival(model)
+        token = _ARRIVAL.set(arrival)
         try:
             yield
         finally:
-            left = self._arriving[model] - 1
-            self._arriving[model] = left
-            if not left:  # workers waiting for these companions need not wait any longer
-                for device in self._placement.get(model, ()):
-                    self._workers[device].poke()
+            _ARRIVAL.reset(token)
+            if arrival.counted:  # it never reached a queue (refused, or the client left)
+                left = self._arriving[model] - 1
+                self._arriving[model] = left
+                if not left:  # workers waiting for these companions need not wait any longer
+                    for device in self._placement.get(model, ()):
+                        self._workers[device].poke()
 
     def submit(self, call: Call, device: jax.Device | None = None) -> Awaitable[Outcome]:
         """Queue `call` on the least-loaded device of its model now; await the result later.
@@ -162,7 +182,11 @@ class Engine:
             )
         loop = asyncio.get_running_loop()
         item = Item(call, batch_key(call), loop.create_future(), loop, time.perf_counter())
-        workers.submit(item)
+        arrival = _ARRIVAL.get()
+        arrived = arrival is not None and arrival.counted and arrival.model == call.model.name
+        workers.submit(item, arrived=arrived)
+        if arrived:
+            arrival.counted = False
         if watch is not None:
             watch.on_disconnect(lambda: self._abandon(item))
         return self._result(item, workers, loop)
@@ -206,7 +230,8 @@ class Engine:
 
     def warm_up(self) -> int:
         """Compile each model's common ops for its declared inputs (a size-1 stand-in for each
-        free dimension) on every device it is placed on. Returns the programs compiled."""
+        free dimension) on every device it is placed on, and their batched programs up to the
+        model's `warmup_batch_size`. Returns the programs compiled."""
         compiled = 0
         for model in self.registry:
             if model.spec.inputs is None:
@@ -222,6 +247,9 @@ class Engine:
                     except APIError:
                         break  # e.g. grad of a non-scalar model: not a common op for it
                     compiled += seconds > 0
+                    if model.spec.warmup_batch_size > 1:
+                        workers = self._workers[device]
+                        compiled += workers.compile_buckets(call, model.spec.warmup_batch_size)
         return compiled
 
 

@@ -1,11 +1,7 @@
 """A device's workers: a bounded queue, dynamic batching, and execution off the event loop.
 
-Requests with the same batch key (model, program, input avals) that are queued together are
-stacked along a new axis and run as one vmapped executable, padded to a power-of-two bucket so
-a model compiles at most log2(max_batch_size) batched variants per shape. A worker waits up to
-`max_batch_delay` for companions only while more requests for the model are on their way
-(received, still being decoded): a lone client, or a closed loop whose every request is
-already in the batch, never pays the delay.
+Which requests share a batch, and how long a worker waits for more, is `batching`'s; this
+module runs the threads that take batches off the queue, execute them and answer.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import numpy as np
 
 from client.errors import APIError, ServerBusy
 from service.calls import Call
+from service.engine.batching import BucketNotReady, Demand, batch_key, bucket_for, stack
 from service.engine.compiler import Compiler, model_error
 from service.engine.linearization import LinearizeCall, LinearizeProgram
 from service.metrics import Metrics
@@ -84,10 +81,6 @@ def _fetch(out: Any) -> tuple[Any, str]:
     return jax.tree.map(_to_host, out), where
 
 
-def bucket_for(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def batches_in_flight(device: jax.Device, setting: int | None) -> int:
     """Batches of one model a device runs at once: what it can overlap.
 
@@ -116,6 +109,7 @@ class DeviceWorkers:
         max_queue: int,
         max_batch_size: int,
         max_batch_delay: float,
+        batch_patience: float = 0.0,
         sessions: SessionStore | None = None,
         in_flight: int | None = None,
     ) -> None:
@@ -139,6 +133,7 @@ class DeviceWorkers:
         self._companions = threading.Condition(lock)
         self._closed = False
         self._arriving = arriving  # model name -> requests received, not yet queued
+        self._demand = Demand(batch_patience)
         self._unbatchable: set[tuple] = set()
         self._compiling: set[tuple] = set()
         self._active: set[int] = set()  # worker threads running a batch (their load)
@@ -175,7 +170,9 @@ class DeviceWorkers:
     def load(self) -> int:
         return len(self._queue) + len(self._active)
 
-    def submit(self, item: Item) -> None:
+    def submit(self, item: Item, arrived: bool = False) -> None:
+        """Queue `item`. `arrived`: it was counted as arriving for its model, and stops being
+        so now, in the same step (a worker never waits for the request it already holds)."""
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 raise ServerBusy(
@@ -185,6 +182,10 @@ class DeviceWorkers:
                     headers={"Retry-After": "1"},
                 )
             self._queue.append(item)
+            model = item.call.model.name
+            if arrived:
+                self._arriving[model] -= 1
+            self._demand.arrived(item.key, self._arriving.get(model, 0))
             self._depth.set(len(self._queue))
             self._cond.notify()
             self._companions.notify_all()
@@ -245,6 +246,7 @@ class DeviceWorkers:
                 log.exception("worker of %s failed", self._name)
                 answers = [(item, None, bug) for item in batch]
             with self._cond:
+                self._demand.left(batch[0].key, len(batch))
                 self._active.discard(me)
                 self._release_slot(me)
                 replaced = me in self._overdue
@@ -270,6 +272,9 @@ class DeviceWorkers:
     def _take_first(self) -> Item | None:
         """The oldest queued request whose key has a free in-flight slot (lock held)."""
         if any(item.cancelled for item in self._queue):
+            for item in self._queue:
+                if item.cancelled:
+                    self._demand.left(item.key)
             self._queue = deque(item for item in self._queue if not item.cancelled)
         for index, item in enumerate(self._queue):
             if self._running.get(item.key, 0) < self.in_flight:
@@ -297,14 +302,16 @@ class DeviceWorkers:
             )
             batch = [first]
             self._take_same_key(batch, limit)
-            deadline = now + self.max_batch_delay
             model = first.call.model.name
-            while (
-                len(batch) < limit
-                and self._arriving.get(model, 0) > 0
-                and (remaining := deadline - time.perf_counter()) > 0
-            ):
-                self._companions.wait(remaining)
+            while len(batch) < limit:
+                arriving = self._arriving.get(model, 0)
+                waited = time.perf_counter() - now
+                if arriving > 0 and waited < self.max_batch_delay:
+                    self._companions.wait(self.max_batch_delay - waited)
+                elif more := self._demand.wait_for_more(first.key, len(batch), arriving, waited):
+                    self._companions.wait(more)  # each new request wakes it to re-check
+                else:
+                    break
                 self._take_same_key(batch, limit)
             self._depth.set(len(self._queue))
             waited = time.perf_counter() - now if len(batch) > 1 else 0.0
@@ -320,6 +327,7 @@ class DeviceWorkers:
         while self._queue:
             item = self._queue.popleft()
             if item.cancelled:
+                self._demand.left(item.key)
                 continue
             if item.key == key and len(batch) < limit:
                 batch.append(item)
@@ -337,7 +345,7 @@ class DeviceWorkers:
                 values = [value]
             else:
                 values, compile_s, compute_s, where = self._run_batched(batch)
-        except _BucketNotReady:
+        except BucketNotReady:
             # Halves, each in the largest bucket below: compiled already, or split further.
             half = bucket_for(len(batch)) // 2
             return self._execute(batch[:half]) + self._execute(batch[half:])
@@ -352,6 +360,8 @@ class DeviceWorkers:
                 return [answer for item in batch for answer in self._execute([item])]
             return [(item, None, error) for item in batch]
         self.metrics.batch_size.observe(len(batch))
+        with self._cond:
+            self._demand.ran(batch[0].key, bucket_for(len(batch)), compute_s)
         answers: list[tuple[Item, Outcome | None, BaseException | None]] = []
         for item, value in zip(batch, values, strict=True):
             timings = {"queue": started - item.enqueued, "compile": compile_s, "compute": compute_s}
@@ -361,9 +371,21 @@ class DeviceWorkers:
             answers.append((item, Outcome(value, timings, len(batch), where), None))
         return answers
 
+    def compile_buckets(self, call: Call, upto: int) -> int:
+        """Compile now every bucket of `call`'s batch key from 2 up to `upto` requests (capped
+        by the model's batch limit) not compiled yet: warm-up's `warmup_batch_size`. Returns
+        the programs compiled."""
+        key, params = batch_key(call), self.params_for(call.model, self.device)
+        return sum(self._compile_bucket(key, call, params, b) for b in self._claim(key, call, upto))
+
     def _compile_later(self, key: tuple, call: Call, params: Any, upto: int) -> None:
         """Compile, on the side thread, every bucket from 2 up to `upto` (the concurrency seen
         now) not compiled yet: the next burst of any size up to it runs batched at once."""
+        for bucket in self._claim(key, call, upto):
+            self._compiler_thread.submit(self._compile_bucket, key, call, params, bucket)
+
+    def _claim(self, key: tuple, call: Call, upto: int) -> list[int]:
+        """The buckets up to `upto` that no one is compiling, marked as being compiled."""
         with self._cond:
             limit = call.model.spec.max_batch_size or self.max_batch_size
             buckets = []
@@ -373,22 +395,22 @@ class DeviceWorkers:
                     self._compiling.add((key, bucket))
                     buckets.append(bucket)
                 bucket *= 2
+            return buckets
 
-        def compile_bucket(bucket: int) -> None:
-            try:
-                if key in self._unbatchable:
-                    return
-                args, extra = _stack([call] * bucket)
-                self.compiler.executable(call, self.device, params, args, extra, bucket)
-            except Exception as error:  # the model cannot be vmapped: stop batching it
-                log.warning("batching %s failed (%s); running unbatched", call.model.name, error)
-                self._unbatchable.add(key)
-            finally:
-                with self._cond:
-                    self._compiling.discard((key, bucket))
-
-        for bucket in buckets:
-            self._compiler_thread.submit(compile_bucket, bucket)
+    def _compile_bucket(self, key: tuple, call: Call, params: Any, bucket: int) -> bool:
+        try:
+            if key in self._unbatchable:
+                return False
+            args, extra = stack([call] * bucket)
+            _, seconds = self.compiler.executable(call, self.device, params, args, extra, bucket)
+            return seconds > 0
+        except Exception as error:  # the model cannot be vmapped: stop batching it
+            log.warning("batching %s failed (%s); running unbatched", call.model.name, error)
+            self._unbatchable.add(key)
+            return False
+        finally:
+            with self._cond:
+                self._compiling.discard((key, bucket))
 
     def _run_single(self, call: Call) -> tuple[Any, float, float, str]:
         if isinstance(call.program, LinearizeProgram):
@@ -433,7 +455,7 @@ class DeviceWorkers:
         call = batch[0].call
         bucket = bucket_for(len(batch))
         padded = [item.call for item in batch] + [call] * (bucket - len(batch))
-        stacked_args, stacked_extra = _stack(padded)
+        stacked_args, stacked_extra = stack(padded)
         params = self.params_for(call.model, self.device)
         # The unbatched program first: its checks (shapes, output size...) hold for every
         # item of the batch, and it is the fallback if the stacked program cannot be built.
@@ -446,34 +468,9 @@ class DeviceWorkers:
                 seen = len(batch) + sum(item.key == batch[0].key for item in self._queue)
             seen += self._arriving.get(call.model.name, 0)
             self._compile_later(batch[0].key, call, params, seen)
-            raise _BucketNotReady
+            raise BucketNotReady
         t0 = time.perf_counter()
         out, where = _fetch(compiled(params, stacked_args, stacked_extra))
         compute_s = time.perf_counter() - t0
         values = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(batch))]
         return values, compile_s, compute_s, where
-
-
-def _stack(calls: list[Call]) -> tuple[Any, Any]:
-    """The calls' arguments stacked on a new leading axis, on the host: one transfer per leaf
-    instead of one per request."""
-    call = calls[0]
-    if getattr(call.program, "shares_args", False):
-        # Products of one session: its residuals (on this device already) are shared.
-        return call.args, jax.tree.map(lambda *xs: np.stack(xs), *[c.extra for c in calls])
-    return jax.tree.map(lambda *xs: np.stack(xs), *[(c.args, c.extra) for c in calls])
-
-
-class _BucketNotReady(Exception):
-    """The stacked program for this batch size is still being compiled."""
-
-
-def batch_key(call: Call) -> tuple:
-    """Calls with equal keys may run as one stacked program."""
-    if isinstance(call.program, LinearizeProgram):
-        return (call.model.name, "linearize", id(call))  # each opens its own session
-    if getattr(call.program, "shares_args", False):
-        # Products batch within one session (a shared, unstacked argument), never across:
-        # stacking different sessions' residuals would copy them all, costing more than it saves.
-        return (call.model.name, *call.signature, id(call.args))
-    return (call.model.name, *call.signature)

@@ -62,3 +62,13 @@ TRACES = {"vector_out": 0}
 def vector_out(x: jax.Array) -> jax.Array:
     TRACES["vector_out"] += 1
     return 2 * x
+
+
+@model(
+    "warm_batched",
+    inputs=[((None,), "float32")],
+    warmup_batch_size=8,
+    description="sum(tanh(x)**2); warm-up compiles its batched programs up to 8 requests",
+)
+def warm_batched(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.tanh(x) ** 2)

@@ -230,6 +230,26 @@ def test_warm_up_makes_readyz_wait_then_needs_no_compile(app_factory):
         assert float(timing(r, "compile")) == 0.0
 
 
+async def test_warmup_batch_size_compiles_the_buckets_before_the_first_burst():
+    xs = np.linspace(-1, 1, 8, dtype=np.float32).reshape(8, 1)
+    local = jax.jit(jax.grad(lambda x: jax.numpy.sum(jax.numpy.tanh(x) ** 2)))
+    compiles = 'gradserve_compiles_total{model="warm_batched"}'
+    async with AsyncApp(models=[ENGINE_MODELS], warmup=True, max_batch_delay_ms=50) as client:
+        before = metric((await client.get("/metrics")).text, compiles)
+        responses = await asyncio.gather(
+            *(client.post("/v1/models/warm_batched/grad", json={"args": [x.tolist()]}) for x in xs)
+        )
+        await asyncio.sleep(1.0)  # a bucket compiled on the side would be counted by now
+        after = metric((await client.get("/metrics")).text, compiles)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    # Warm-up compiled eval, grad and value_and_grad, each alone and in buckets 2, 4 and 8;
+    # the first burst ran batched and compiled nothing, on its path or on the side.
+    assert before == 12 and after == before, (before, after)
+    assert max(int(timing(r, "batch")) for r in responses) > 1
+    for x, r in zip(xs, responses, strict=True):
+        assert_tree_equal(decode(r)["grad"], local(x), rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def two_device_server():
     server = LiveServer("--models", ENGINE_MODELS, env={"GRADSERVE_CPU_DEVICES": "2"}).wait_ready()
