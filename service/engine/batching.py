@@ -10,10 +10,12 @@ their way:
 - requests for its model are being read and decoded (`arriving`): up to `max_batch_delay`;
 - or the key's recent concurrency says so: fewer of its requests are in the server now than
   its recent peak (32 clients in a closed loop send their next requests while the last answers
-  travel back). Then it waits up to what running the batch it holds would take (the measured
-  cost of that bucket), capped by `patience`. This is the ski-rental bound: waiting can at
-  most double the latency of the requests already held, while a burst that would otherwise run
-  as 1, 2, 5, 10, 14 runs as one batch of 32 at the cost of one.
+  travel back), and they are still coming: the last arrived within a few of the key's usual
+  gaps between arrivals (clients that hold their answers do not keep it waiting). Then it waits
+  up to what running the batch it holds would take (the measured cost of that bucket), capped
+  by `patience`. This is the ski-rental bound: waiting can at most double the latency of the
+  requests already held, while a burst that would otherwise run as 1, 2, 5, 10, 14 runs as
+  one batch of 32 at the cost of one.
 
 A lone client's peak is 1, so a lone request never waits.
 """
@@ -21,6 +23,7 @@ A lone client's peak is 1, so a lone request never waits.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +37,11 @@ from service.engine.linearization import LinearizeProgram
 # or after a few of its largest batch's compute times, if those are longer.
 PEAK_MEMORY_S = 1.0
 PEAK_MEMORY_BATCHES = 4
-# Weight of the newest measurement in a bucket's running cost estimate.
+# Weight of the newest measurement in a bucket's running cost (or gap) estimate.
 COST_SMOOTHING = 0.3
+# A burst has stopped arriving when none came for this many of its usual gaps, plus the slack.
+GAPS_TO_DRY = 4
+DRY_SLACK_S = 0.0005
 
 
 def bucket_for(n: int) -> int:
@@ -73,6 +79,8 @@ class _KeyDemand:
     pending: int = 0  # queued or in a running batch
     peak: int = 0
     peak_at: float = 0.0
+    last_arrival: float = 0.0
+    gap: float = 0.0  # smoothed seconds between arrivals while others are in the server
     costs: dict[int, float] = field(default_factory=dict)  # bucket -> seconds, smoothed
 
 
@@ -80,8 +88,8 @@ class Demand:
     """Per batch key: how many of its requests are in the server, their recent peak, and what
     each bucket has cost to run. Not thread-safe: the workers call it under their lock."""
 
-    def __init__(self, patience: float) -> None:
-        self.patience = patience
+    def __init__(self, patience: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.patience, self._clock = patience, clock
         self._keys: dict[tuple, _KeyDemand] = {}
 
     def _of(self, key: tuple) -> _KeyDemand:
@@ -93,8 +101,12 @@ class Demand:
     def arrived(self, key: tuple, arriving: int) -> None:
         """A request of `key` was queued; `arriving` more of its model are being decoded."""
         demand = self._of(key)
+        now = self._clock()
+        if demand.pending:  # within a burst: the gap between two of its arrivals
+            gap = now - demand.last_arrival
+            demand.gap = gap if not demand.gap else demand.gap + COST_SMOOTHING * (gap - demand.gap)
+        demand.last_arrival = now
         demand.pending += 1
-        now = time.monotonic()
         level = demand.pending + arriving
         if level >= demand.peak or now - demand.peak_at > self._memory(demand):
             demand.peak, demand.peak_at = level, now
@@ -105,7 +117,7 @@ class Demand:
         if demand is None:
             return
         demand.pending -= n
-        if demand.pending <= 0 and time.monotonic() - demand.peak_at > self._memory(demand):
+        if demand.pending <= 0 and self._clock() - demand.peak_at > self._memory(demand):
             del self._keys[key]  # keys come and go with input shapes: keep only live ones
 
     def ran(self, key: tuple, bucket: int, seconds: float) -> None:
@@ -121,11 +133,16 @@ class Demand:
         demand = self._keys.get(key)
         if demand is None or self.patience <= 0:
             return 0.0
-        if time.monotonic() - demand.peak_at > self._memory(demand):
+        now = self._clock()
+        if now - demand.peak_at > self._memory(demand):
             return 0.0  # the burst that set the peak is over
         if demand.pending + arriving >= demand.peak:
             return 0.0  # every request expected is here already
-        return max(0.0, min(self.patience, self._cost(demand, bucket_for(held))) - waited)
+        dry_in = demand.last_arrival + GAPS_TO_DRY * demand.gap + DRY_SLACK_S - now
+        if dry_in <= 0:
+            return 0.0  # the rest are not coming now (their clients wait for this batch)
+        budget = min(self.patience, self._cost(demand, bucket_for(held))) - waited
+        return max(0.0, min(budget, dry_in))
 
     def _cost(self, demand: _KeyDemand, bucket: int) -> float:
         """The smoothed cost of `bucket`, or of the largest measured bucket below it; 0 when
