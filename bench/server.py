@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-import uvicorn
 from fastapi import Request, Response
 
 from service import Settings, create_app
+from service.shutdown import serve
+from service.transport import raise_file_limit
 
 
 def build_app(settings: Settings):
@@ -34,15 +36,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
-    settings = Settings(host="127.0.0.1", port=args.port)  # GRADSERVE_SERVER picks the stack
-    if settings.server == "granian":
-        from service.granian_server import serve_granian
-
-        serve_granian(build_app(settings), settings.model_copy(update={"log_level": "warning"}))
-        return
-    uvicorn.run(
-        build_app(settings), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
-    )
+    # GRADSERVE_SERVER picks the stack; served exactly as `gradserve serve` serves it.
+    settings = Settings(host="127.0.0.1", port=args.port, log_level="warning")
+    raise_file_limit()
+    sys.exit(serve(build_app(settings), settings))
 
 
 if __name__ == "__main__":
