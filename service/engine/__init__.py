@@ -249,7 +249,7 @@ class Engine:
                     compiled += seconds > 0
                     if model.spec.warmup_batch_size > 1:
                         workers = self._workers[device]
-                        compiled += workers.compile_buckets(call, model.spec.warmup_batch_size)
+                        compiled += workers.buckets.compile_now(call, model.spec.warmup_batch_size)
         return compiled
 
 

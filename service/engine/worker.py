@@ -12,7 +12,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,8 @@ import numpy as np
 
 from client.errors import APIError, ServerBusy
 from service.calls import Call
-from service.engine.batching import BucketNotReady, Demand, batch_key, bucket_for, stack
+from service.engine.batching import BucketNotReady, Demand, bucket_for, stack
+from service.engine.buckets import Buckets
 from service.engine.compiler import Compiler, model_error
 from service.engine.linearization import LinearizeCall, LinearizeProgram
 from service.metrics import Metrics
@@ -134,8 +134,7 @@ class DeviceWorkers:
         self._closed = False
         self._arriving = arriving  # model name -> requests received, not yet queued
         self._demand = Demand(batch_patience)
-        self._unbatchable: set[tuple] = set()
-        self._compiling: set[tuple] = set()
+        self.buckets = Buckets(device, compiler, params_for, max_batch_size)
         self._active: set[int] = set()  # worker threads running a batch (their load)
         # Batches running per batch key, at most `in_flight` each: the queue fills meanwhile,
         # and the next worker takes it whole (up to the limit) as one batch.
@@ -147,9 +146,6 @@ class DeviceWorkers:
         # its computation ends: one hung model cannot take every worker of a device.
         self.max_overdue = max_overdue
         self._overdue: set[int] = set()
-        self._compiler_thread = ThreadPoolExecutor(
-            1, thread_name_prefix=f"gradserve-compile-{device}"
-        )
         self._name = f"{device.platform}:{device.id}"
         self._depth = metrics.queue_depth.labels(self._name)
         self._overdue_gauge = metrics.overdue_workers.labels(self._name)
@@ -226,7 +222,7 @@ class DeviceWorkers:
             self._closed = True
             self._cond.notify_all()
             self._companions.notify_all()
-        self._compiler_thread.shutdown(wait=False, cancel_futures=True)
+        self.buckets.close()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -295,11 +291,7 @@ class DeviceWorkers:
             self._running[first.key] = self._running.get(first.key, 0) + 1
             self._running_key[me] = first.key
             now = time.perf_counter()
-            limit = (
-                1
-                if first.key in self._unbatchable
-                else first.call.model.spec.max_batch_size or self.max_batch_size
-            )
+            limit = self.buckets.limit(first.call, first.key)
             batch = [first]
             self._take_same_key(batch, limit)
             model = first.call.model.name
@@ -353,10 +345,7 @@ class DeviceWorkers:
             if len(batch) > 1 and not isinstance(error, APIError):
                 # The stacked program failed (say, the model cannot be vmapped): never batch
                 # this key again, and answer each request on its own.
-                log.warning(
-                    "batching %s failed (%s); running unbatched", batch[0].call.model.name, error
-                )
-                self._unbatchable.add(batch[0].key)
+                self.buckets.give_up(batch[0].key, batch[0].call, error)
                 return [answer for item in batch for answer in self._execute([item])]
             return [(item, None, error) for item in batch]
         self.metrics.batch_size.observe(len(batch))
@@ -370,47 +359,6 @@ class DeviceWorkers:
             timings["batch_wait"] = item.batch_wait  # Server-Timing: what batching cost it
             answers.append((item, Outcome(value, timings, len(batch), where), None))
         return answers
-
-    def compile_buckets(self, call: Call, upto: int) -> int:
-        """Compile now every bucket of `call`'s batch key from 2 up to `upto` requests (capped
-        by the model's batch limit) not compiled yet: warm-up's `warmup_batch_size`. Returns
-        the programs compiled."""
-        key, params = batch_key(call), self.params_for(call.model, self.device)
-        return sum(self._compile_bucket(key, call, params, b) for b in self._claim(key, call, upto))
-
-    def _compile_later(self, key: tuple, call: Call, params: Any, upto: int) -> None:
-        """Compile, on the side thread, every bucket from 2 up to `upto` (the concurrency seen
-        now) not compiled yet: the next burst of any size up to it runs batched at once."""
-        for bucket in self._claim(key, call, upto):
-            self._compiler_thread.submit(self._compile_bucket, key, call, params, bucket)
-
-    def _claim(self, key: tuple, call: Call, upto: int) -> list[int]:
-        """The buckets up to `upto` that no one is compiling, marked as being compiled."""
-        with self._cond:
-            limit = call.model.spec.max_batch_size or self.max_batch_size
-            buckets = []
-            bucket = 2
-            while bucket <= bucket_for(min(upto, limit)):
-                if (key, bucket) not in self._compiling:
-                    self._compiling.add((key, bucket))
-                    buckets.append(bucket)
-                bucket *= 2
-            return buckets
-
-    def _compile_bucket(self, key: tuple, call: Call, params: Any, bucket: int) -> bool:
-        try:
-            if key in self._unbatchable:
-                return False
-            args, extra = stack([call] * bucket)
-            _, seconds = self.compiler.executable(call, self.device, params, args, extra, bucket)
-            return seconds > 0
-        except Exception as error:  # the model cannot be vmapped: stop batching it
-            log.warning("batching %s failed (%s); running unbatched", call.model.name, error)
-            self._unbatchable.add(key)
-            return False
-        finally:
-            with self._cond:
-                self._compiling.discard((key, bucket))
 
     def _run_single(self, call: Call) -> tuple[Any, float, float, str]:
         if isinstance(call.program, LinearizeProgram):
@@ -467,7 +415,7 @@ class DeviceWorkers:
             with self._cond:
                 seen = len(batch) + sum(item.key == batch[0].key for item in self._queue)
             seen += self._arriving.get(call.model.name, 0)
-            self._compile_later(batch[0].key, call, params, seen)
+            self.buckets.compile_later(batch[0].key, call, params, seen)
             raise BucketNotReady
         t0 = time.perf_counter()
         out, where = _fetch(compiled(params, stacked_args, stacked_extra))
