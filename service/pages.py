@@ -164,6 +164,7 @@ def _describe(state: State, model: Model) -> dict[str, Any]:
             ("device", spec.device),
             ("replicas", spec.replicas if spec.replicas != 1 else None),
             ("max_batch_size", spec.max_batch_size),
+            ("warmup_batch_size", spec.warmup_batch_size or None),
             ("server-held parameters", "yes" if model.has_params else None),
         )
         if v is not None
