@@ -1,10 +1,12 @@
 """The client's HTTP paths on a large exchange, side by side in one run.
 
-A 1M-float32 VJP (npz: 8 MB in, 8 MB out) through `Client` and `AsyncClient`, once over
-httpx (`bulk=False`) and once over the bulk path (`http.client`, client/_bulk.py), against
-the floor of bench/limits.py's row k: a raw socket echo of the same bytes between two
-processes plus local JAX's compute time. Medians over `--repeats` rounds, interleaved so
-that a noisy neighbour hits every path alike.
+A 1M-float32 VJP through `Client` and `AsyncClient`, once over httpx (`bulk=False`) and once
+over the bulk path (`http.client`, client/_bulk.py), against the floor of bench/limits.py's
+row k: a raw socket echo of the same bytes between two processes plus local JAX's compute
+time. Two requests: the stateless `/vjp` (x and u in, value and cotangent out: 8 MB each
+way) and the session pullback that `vjp(f, x)[1](u)` sends (u in, cotangent out: 4 MB each
+way; row k times this one). Medians over `--repeats` rounds, the paths interleaved so that a
+noisy neighbour hits each alike.
 
     python -m bench.client_http [--repeats 30] [--server uvicorn|granian]
 """
@@ -23,6 +25,7 @@ import numpy as np
 from bench.harness import Server, median
 from bench.limits import socket_floor
 from client import AsyncClient, Client, vjp
+from client._remote import Pullback
 from service.models import cookbook
 
 N = 1_000_000
@@ -43,15 +46,37 @@ def _check(got: Any, want: np.ndarray) -> None:
     np.testing.assert_array_equal(np.asarray(got[0]), want)
 
 
+def _calls(c: Client | AsyncClient, x: np.ndarray, u: np.ndarray, loop: Any) -> dict:
+    """The two requests for one client, as thunks that block until the answer."""
+
+    def blocking(thunk: Callable[[], Any]) -> Callable[[], Any]:
+        if isinstance(c, AsyncClient):
+            return lambda: loop.run_until_complete(thunk())
+        return thunk
+
+    if isinstance(c, AsyncClient):
+        loop.run_until_complete(c.model_info("square3"))
+    f = c.model("square3")
+    stateless = Pullback(f, (x,))  # POST /vjp with the primals: no session
+    _, session = blocking(lambda: vjp(f, x))()
+    return {
+        "vjp 8/8 MB": blocking(lambda: stateless(u)),
+        "pullback 4/4": blocking(lambda: session(u)),
+    }
+
+
 def run(repeats: int, stack: str) -> None:
     x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
     u = np.ones_like(x)
     want = np.asarray(jax.vjp(cookbook.square3, x)[1](u)[0])
     t_jax = _local_jax(x, u, repeats)
-    echo = socket_floor(8_000_000, 8_000_000, repeats)
-    floor = echo + t_jax
+    floors = {
+        "vjp 8/8 MB": socket_floor(8_000_000, 8_000_000, repeats),
+        "pullback 4/4": socket_floor(4_000_000, 4_000_000, repeats),
+    }
 
     loop = asyncio.new_event_loop()
+    samples: dict[tuple[str, str], list[float]] = {}
     with Server(GRADSERVE_SERVER=stack) as server:
         clients = {
             "sync httpx": Client(server.url, encoding="npz", bulk=False),
@@ -59,28 +84,17 @@ def run(repeats: int, stack: str) -> None:
             "async httpx": AsyncClient(server.url, encoding="npz", bulk=False),
             "async bulk": AsyncClient(server.url, encoding="npz"),
         }
-        calls: dict[str, Callable[[], Any]] = {}
-        for name, c in clients.items():
-            if isinstance(c, AsyncClient):
-                loop.run_until_complete(c.model_info("square3"))
-                _, pullback = loop.run_until_complete(vjp(c.model("square3"), x))
-
-                def call(pb: Any = pullback) -> Any:
-                    return loop.run_until_complete(pb(u))
-            else:
-                _, pullback = vjp(c.model("square3"), x)
-
-                def call(pb: Any = pullback) -> Any:
-                    return pb(u)
-
-            _check(call(), want)  # and warm: one round each before timing
-            calls[name] = call
-        samples: dict[str, list[float]] = {name: [] for name in calls}
+        calls = {}
+        for path, c in clients.items():
+            for case, call in _calls(c, x, u, loop).items():
+                _check(call(), want)  # and warm: one round each before timing
+                calls[case, path] = call
+                samples[case, path] = []
         for _ in range(repeats):
-            for name, call in calls.items():
+            for key, call in calls.items():
                 t0 = time.perf_counter()
                 call()
-                samples[name].append(time.perf_counter() - t0)
+                samples[key].append(time.perf_counter() - t0)
         for c in clients.values():
             if isinstance(c, AsyncClient):
                 loop.run_until_complete(c.aclose())
@@ -88,16 +102,21 @@ def run(repeats: int, stack: str) -> None:
                 c.close()
     loop.close()
 
-    print(f"1M-float32 VJP, npz 8 MB in / 8 MB out, {stack}, medians of {repeats}:")
-    print(f"  floor: socket echo {echo * 1e3:.1f} ms + local JAX {t_jax * 1e3:.1f} ms")
-    print(f"  {'path':<12} {'median':>9} {'p10':>9} {'p90':>9} {'/floor':>7}")
-    for name, ts in samples.items():
-        ts = sorted(ts)
-        p10, p90 = ts[len(ts) // 10], ts[(len(ts) * 9) // 10]
-        t = median(ts)
-        print(
-            f"  {name:<12} {t * 1e3:7.1f}ms {p10 * 1e3:7.1f}ms {p90 * 1e3:7.1f}ms {t / floor:6.2f}x"
-        )
+    print(f"1M-float32 VJP through the client, npz, {stack}, medians of {repeats}:")
+    print(f"  local JAX {t_jax * 1e3:.1f} ms")
+    for case, echo in floors.items():
+        floor = echo + t_jax
+        print(f"  {case}: floor {floor * 1e3:.1f} ms (socket echo {echo * 1e3:.1f} + JAX)")
+        print(f"    {'path':<12} {'median':>9} {'p10':>9} {'p90':>9} {'/floor':>7}")
+        for (c_case, path), ts in samples.items():
+            if c_case != case:
+                continue
+            ts = sorted(ts)
+            p10, p90, t = ts[len(ts) // 10], ts[(len(ts) * 9) // 10], median(ts)
+            print(
+                f"    {path:<12} {t * 1e3:7.1f}ms {p10 * 1e3:7.1f}ms {p90 * 1e3:7.1f}ms"
+                f" {t / floor:6.2f}x"
+            )
 
 
 def main() -> None:
