@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +24,49 @@ from typing import Any
 import jax
 import numpy as np
 
-from bench.harness import Server, median
+from bench.harness import ROOT, Server, free_port, median
 from bench.limits import socket_floor
 from client import AsyncClient, Client, vjp
+from client._core import decode
 from client._remote import Pullback
 from service.models import cookbook
 
 N = 1_000_000
+
+# An HTTP peer that does no work: reads each request whole and answers a fixed npz. Against
+# it, the client's own cost shows alone (the server's body reception and compute excluded).
+_PEER = """
+import socket, sys, threading
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from client import wire
+n = int(sys.argv[3])
+body = wire.dump_npz({"value": np.zeros(n, np.float32), "cotangents": [np.zeros(n, np.float32)]})
+head = ("HTTP/1.1 200 OK\\r\\ncontent-type: application/x-npz\\r\\n"
+        f"content-length: {len(body)}\\r\\n\\r\\n").encode()
+def serve(conn):
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = b""
+    while True:
+        while b"\\r\\n\\r\\n" not in buf:
+            more = conn.recv(1 << 20)
+            if not more:
+                return conn.close()
+            buf += more
+        head_in, _, rest = buf.partition(b"\\r\\n\\r\\n")
+        length = int(head_in.lower().split(b"content-length:")[1].split(b"\\r\\n")[0])
+        view, got = memoryview(bytearray(length)), len(rest)
+        view[:got] = rest
+        while got < length:
+            got += conn.recv_into(view[got:])
+        buf = b""
+        conn.sendall(head)
+        conn.sendall(body)
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
 
 
 def _local_jax(x: np.ndarray, u: np.ndarray, repeats: int) -> float:
@@ -63,6 +101,36 @@ def _calls(c: Client | AsyncClient, x: np.ndarray, u: np.ndarray, loop: Any) -> 
         "vjp 8/8 MB": blocking(lambda: stateless(u)),
         "pullback 4/4": blocking(lambda: session(u)),
     }
+
+
+def client_only(repeats: int, x: np.ndarray, u: np.ndarray) -> dict[str, float]:
+    """Median seconds of the stateless /vjp exchange against `_PEER` (no server work), per
+    path: what the client itself costs over the socket echo."""
+    port = free_port()
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _PEER, str(port), str(ROOT), str(len(x))], stdout=subprocess.PIPE
+    )
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().startswith(b"ready")
+        url = f"http://127.0.0.1:{port}"
+        clients = {
+            "sync httpx": Client(url, encoding="npz", bulk=False),
+            "sync bulk": Client(url, encoding="npz"),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in clients}
+        for i in range(repeats + 2):
+            for name, c in clients.items():
+                t0 = time.perf_counter()
+                flow = c._core.send("/v1/models/square3/vjp", {"args": [x], "cotangent": u}, {}, 0)
+                decode(c._run(flow))
+                if i >= 2:
+                    samples[name].append(time.perf_counter() - t0)
+        for c in clients.values():
+            c.close()
+        return {name: median(ts) for name, ts in samples.items()}
+    finally:
+        peer.kill()
+        peer.wait()
 
 
 def run(repeats: int, stack: str) -> None:
@@ -102,8 +170,13 @@ def run(repeats: int, stack: str) -> None:
                 c.close()
     loop.close()
 
+    bare = client_only(repeats, x, u)
     print(f"1M-float32 VJP through the client, npz, {stack}, medians of {repeats}:")
     print(f"  local JAX {t_jax * 1e3:.1f} ms")
+    echo = floors["vjp 8/8 MB"]
+    print(f"  client alone (8/8 MB against a peer that does no work; echo {echo * 1e3:.1f} ms):")
+    for path, t in bare.items():
+        print(f"    {path:<12} {t * 1e3:7.1f}ms {'':>9} {'':>9} {t / echo:6.2f}x echo")
     for case, echo in floors.items():
         floor = echo + t_jax
         print(f"  {case}: floor {floor * 1e3:.1f} ms (socket echo {echo * 1e3:.1f} + JAX)")
