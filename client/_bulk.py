@@ -115,7 +115,10 @@ class Pool:
         before its answer starts is retried once on a fresh one (the server may have closed
         it while idle); every other failure raises `ConnectError` or `Timeout`."""
         parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body or ())
-        self.exchanges += 1
+        with self._lock:
+            if self._closed:  # as httpx does for a closed client
+                raise RuntimeError("cannot send a request: the client has been closed")
+            self.exchanges += 1
         conn = self._take()
         if conn is not None:
             conn.timeout = timeout

@@ -52,7 +52,7 @@ class HTTPRequest:
 class HTTPResponse:
     status: int
     headers: Mapping[str, str]  # lower-case names
-    content: bytes
+    content: bytes | bytearray  # bytearray from the bulk path (read into in place)
 
 
 @dataclass(frozen=True)
