@@ -9,7 +9,10 @@ just as a request is written on it) come from a raw TCP peer in a thread.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -167,10 +170,13 @@ class Peer:
     actions per connection, "ok" (a complete npz answer, kept alive), "cut" (half the
     answer, then close) or "drop" (close without answering)."""
 
-    def __init__(self, script: list[list[str]], answer: bytes) -> None:
-        self.script, self.answer, self.connections = script, answer, 0
+    def __init__(
+        self, script: list[list[str]], answer: bytes, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.script, self.answer, self.connections, self.tls = script, answer, 0, tls
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -178,6 +184,12 @@ class Peer:
         for actions in self.script:
             conn, _ = self.sock.accept()
             self.connections += 1
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except ssl.SSLError:  # a client that refused the certificate
+                    conn.close()
+                    continue
             with conn:
                 for action in actions:
                     _read_request(conn)
@@ -224,8 +236,10 @@ def _send(c: Client) -> dict[str, Any]:
     return decode(c._run(flow))
 
 
-def _peer(script: list[list[str]], answer: bytes) -> Iterator[Peer]:
-    peer = Peer(script, answer)
+def _peer(
+    script: list[list[str]], answer: bytes, tls: ssl.SSLContext | None = None
+) -> Iterator[Peer]:
+    peer = Peer(script, answer, tls)
     yield peer
     peer.close()
 
@@ -246,3 +260,29 @@ def test_kept_alive_connection_dropped_on_reuse_is_retried(answer: bytes) -> Non
             for _ in range(2):
                 np.testing.assert_array_equal(_send(c)["cotangents"][0], U)
         assert peer.connections == 2 and c._pool is not None and c._pool.exchanges == 2
+
+
+def test_https_goes_bulk_with_httpx_trust(
+    answer: bytes, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command for a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    args += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    # The bulk path trusts what httpx trusts: here the certificate SSL_CERT_FILE names.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for peer in _peer([["ok", "ok"]], answer, tls):
+        with Client(peer.url, retries=0) as c:
+            for _ in range(2):
+                np.testing.assert_array_equal(_send(c)["cotangents"][0], U)
+            assert c._pool is not None and c._pool.exchanges == 2
+        assert peer.connections == 1  # kept alive over TLS too
+    monkeypatch.delenv("SSL_CERT_FILE")
+    for peer in _peer([["ok"]], answer, tls):
+        c = Client(peer.url, retries=0)
+        with c, pytest.raises(errors.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            _send(c)
