@@ -143,9 +143,14 @@ class Pool:
         headers: Mapping[str, str],
         parts: list[bytes | memoryview],
     ) -> tuple[int, dict[str, str], bytes | bytearray]:
-        answered = False
+        answered, write_failed = False, False
         try:
-            _send(conn, method, self._prefix + path, headers, parts)
+            try:
+                _send(conn, method, self._prefix + path, headers, parts)
+            except (ConnectionError, ssl.SSLError):
+                # The server may have answered early and stopped reading (a 413 for a body
+                # over its limit): read that answer, as httpcore does after a write error.
+                write_failed = True
             response = conn.getresponse()
             answered = True
             content = _read_body(response)
@@ -162,7 +167,7 @@ class Pool:
         except BaseException:
             conn.close()
             raise
-        if response.will_close:
+        if response.will_close or write_failed:
             conn.close()
         else:
             self._give(conn)

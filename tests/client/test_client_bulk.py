@@ -192,6 +192,9 @@ class Peer:
                     continue
             with conn:
                 for action in actions:
+                    if action == "early":  # a 413 before the body, which it never reads
+                        _early_413(conn)
+                        break
                     _read_request(conn)
                     if action == "drop":
                         break
@@ -206,6 +209,16 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _early_413(conn: socket.socket) -> None:
+    while b"\r\n\r\n" not in conn.recv(65536, socket.MSG_PEEK):
+        pass
+    problem = b'{"status": 413, "code": "payload_too_large", "detail": "over the limit"}'
+    conn.sendall(
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/problem+json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(problem), problem)
+    )
 
 
 def _read_request(conn: socket.socket) -> None:
@@ -286,3 +299,13 @@ def test_https_goes_bulk_with_httpx_trust(
         c = Client(peer.url, retries=0)
         with c, pytest.raises(errors.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             _send(c)
+
+
+def test_an_answer_before_the_body_is_read_is_the_servers_error(answer: bytes) -> None:
+    # The peer answers 413 and closes with the body unread: the write fails, the answer
+    # stands (as over httpx), and nothing is retried.
+    for peer in _peer([["early"]], answer):
+        c = Client(peer.url, retries=2, timeout=10)
+        with c, pytest.raises(errors.PayloadTooLarge, match="over the limit"):
+            _send(c)
+        assert peer.connections == 1
