@@ -309,3 +309,15 @@ def test_an_answer_before_the_body_is_read_is_the_servers_error(answer: bytes) -
         with c, pytest.raises(errors.PayloadTooLarge, match="over the limit"):
             _send(c)
         assert peer.connections == 1
+
+
+def test_server_errors_map_as_over_httpx(server: LiveServer) -> None:
+    x = np.ones(300_000, np.float32)  # 1.2 MB: bulk
+    raised = []
+    for bulk in (True, False):
+        with Client(server.url, bulk=bulk, retries=0) as c:
+            with pytest.raises(errors.APIError) as info:
+                c.model("boom")(x)
+            assert c._pool is None or c._pool.exchanges == 1
+        raised.append((type(info.value), info.value.status, info.value.code, str(info.value)))
+    assert raised[0] == raised[1]
