@@ -5,8 +5,10 @@ over the bulk path (`http.client`, client/_bulk.py), against the floor of bench/
 row k: a raw socket echo of the same bytes between two processes plus local JAX's compute
 time. Two requests: the stateless `/vjp` (x and u in, value and cotangent out: 8 MB each
 way) and the session pullback that `vjp(f, x)[1](u)` sends (u in, cotangent out: 4 MB each
-way; row k times this one). Medians over `--repeats` rounds, the paths interleaved so that a
-noisy neighbour hits each alike.
+way; row k times this one). Also: the client alone against a peer that does no work, and
+`tanh(x)` by size of x (where the bulk path starts to pay: `client._core.BULK_THRESHOLD`).
+Medians over `--repeats` rounds, the paths interleaved so that a noisy neighbour hits each
+alike.
 
     python -m bench.client_http [--repeats 30] [--server uvicorn|granian]
 """
@@ -133,6 +135,24 @@ def client_only(repeats: int, x: np.ndarray, u: np.ndarray) -> dict[str, float]:
         peer.wait()
 
 
+def by_size(url: str, repeats: int) -> dict[int, tuple[float, float]]:
+    """Median seconds of `tanh(x)` (npz both ways from 24 KiB) per size: (httpx, bulk)."""
+    out = {}
+    with Client(url, bulk=False) as h, Client(url) as b:
+        fh, fb = h.model("tanh"), b.model("tanh")
+        for n in (8_192, 65_536, 262_144, 1_048_576):
+            x = np.ones(n, np.float32)
+            th, tb = [], []
+            for i in range(repeats + 2):
+                for f, ts in ((fh, th), (fb, tb)):
+                    t0 = time.perf_counter()
+                    f(x)
+                    if i >= 2:
+                        ts.append(time.perf_counter() - t0)
+            out[4 * n] = (median(th), median(tb))
+    return out
+
+
 def run(repeats: int, stack: str) -> None:
     x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
     u = np.ones_like(x)
@@ -168,11 +188,15 @@ def run(repeats: int, stack: str) -> None:
                 loop.run_until_complete(c.aclose())
             else:
                 c.close()
+        sizes = by_size(server.url, repeats)
     loop.close()
 
     bare = client_only(repeats, x, u)
     print(f"1M-float32 VJP through the client, npz, {stack}, medians of {repeats}:")
     print(f"  local JAX {t_jax * 1e3:.1f} ms")
+    print("  tanh(x), x float32, sync client, by size of x (same size back):")
+    for size, (t_h, t_b) in sizes.items():
+        print(f"    {size // 1024:>5} KiB  httpx {t_h * 1e3:6.2f} ms  bulk {t_b * 1e3:6.2f} ms")
     echo = floors["vjp 8/8 MB"]
     print(f"  client alone (8/8 MB against a peer that does no work; echo {echo * 1e3:.1f} ms):")
     for path, t in bare.items():
