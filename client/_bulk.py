@@ -1,4 +1,4 @@
-"""The bulk path: large request and answer bodies over the standard library's `http.client`.
+"""The bulk path: npz request and answer bodies over the standard library's `http.client`.
 
 httpx (h11 and httpcore underneath) reads an answer in 64 KB pieces, parses each through h11's
 buffer and joins them at the end; an 8 MB npz request is first joined into one bytes. On an
