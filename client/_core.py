@@ -53,7 +53,8 @@ class HTTPRequest:
 class HTTPResponse:
     status: int
     headers: Mapping[str, str]  # lower-case names
-    content: bytes | bytearray  # bytearray from the bulk path (read into in place)
+    # From the bulk path: a bytearray, or a memoryview for a 200 npz answer (read in place).
+    content: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
