@@ -1,7 +1,9 @@
 """`Client` and `AsyncClient`: they differ only in how a request is sent and a pause is taken.
 
 This is the one module that touches the HTTP library (httpx); everything else is the shared,
-I/O-free core in `client._core`.
+I/O-free core in `client._core`. Exchanges the core flags `bulk` (an npz body over
+`BULK_THRESHOLD` either way) go over `client._bulk` (`http.client`, no 64 KB pieces, no joins)
+when the client owns its HTTP; httpx carries the rest, whose latency on small bodies is lower.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from client import _bulk
 from client._core import Core, Flow, HTTPRequest, HTTPResponse, ModelInfo, Sleep
 from client._remote import RemoteFunction
 from client.errors import ConnectError, Timeout, TransportError
@@ -59,7 +62,10 @@ class _BaseClient:
         backoff: float = 0.1,
         encoding: str = "auto",
         headers: Mapping[str, str] | None = None,
+        bulk: bool = True,
     ) -> None:
+        self._bulk_wanted = bulk
+        self._pool: _bulk.Pool | None = None
         self._core = Core(
             base_url,
             api_key=api_key,
@@ -75,9 +81,27 @@ class _BaseClient:
             "method": req.method,
             "url": self._core.url(req.path),
             "headers": req.headers,
-            "content": req.content,
+            "content": req.body(),
             "timeout": req.timeout,
         }
+
+    def _own_http(self, owns: bool) -> None:
+        """The bulk pool, when this client made its own httpx client (one passed in carries
+        everything: its transport, hooks and proxies are the caller's) and can reach the
+        server as httpx would."""
+        self._owns_http = owns
+        if owns and self._bulk_wanted and _bulk.usable(self._core.base_url):
+            https = self._core.base_url.startswith("https:")
+            # httpx's own default TLS context (certifi or SSL_CERT_FILE): same verification.
+            context = httpx.create_ssl_context() if https else None
+            self._pool = _bulk.Pool(self._core.base_url, context)
+
+    def _bulk_send(self, req: HTTPRequest) -> HTTPResponse:
+        assert self._pool is not None
+        status, headers, content = self._pool.request(
+            req.method, req.path, req.headers, req.content, req.timeout
+        )
+        return HTTPResponse(status, headers, content)
 
     def _info_now(self, name: str) -> ModelInfo:
         raise RuntimeError(
@@ -99,7 +123,12 @@ class Client(_BaseClient):
       encoding: ``"auto"`` (JSON when small, npz when large), ``"json"``, ``"base64"`` (JSON
         with base64 array leaves both ways) or ``"npz"``.
       http_client: an ``httpx.Client`` to send with (its transport, hooks, limits); the caller
-        closes it.
+        closes it. Every request goes through it then.
+      bulk: send exchanges with an npz body either way (24 KiB or more) over the standard
+        library's ``http.client``, faster than httpx for them (no 64 KB pieces, no joins);
+        ``False`` sends all through httpx (e.g. behind a proxy httpx is configured for). Off
+        by itself when ``http_client`` is given or an ``HTTP(S)_PROXY`` variable applies to
+        ``base_url``.
 
     >>> with Client("http://127.0.0.1:8000") as c:
     ...     grad(grad(c.model("tanh")))(2.0)
@@ -113,7 +142,7 @@ class Client(_BaseClient):
         **options: Any,
     ) -> None:
         super().__init__(base_url, **options)
-        self._owns_http = http_client is None
+        self._own_http(http_client is None)
         self._http = http_client or httpx.Client()
         self._lib = _library(self._http)
 
@@ -128,6 +157,12 @@ class Client(_BaseClient):
             reply, error = None, None
             if isinstance(step, Sleep):
                 time.sleep(step.seconds)
+                continue
+            if step.bulk and self._pool is not None:
+                try:
+                    reply = self._bulk_send(step)
+                except TransportError as e:
+                    error = e
                 continue
             try:
                 reply = _response(self._http.request(**self._request(step)))
@@ -154,6 +189,8 @@ class Client(_BaseClient):
     def close(self) -> None:
         if self._owns_http:
             self._http.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self) -> Client:
         return self
@@ -178,7 +215,7 @@ class AsyncClient(_BaseClient):
         **options: Any,
     ) -> None:
         super().__init__(base_url, **options)
-        self._owns_http = http_client is None
+        self._own_http(http_client is None)
         self._http = http_client or httpx.AsyncClient()
         self._lib = _library(self._http)
 
@@ -193,6 +230,13 @@ class AsyncClient(_BaseClient):
             reply, error = None, None
             if isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
+                continue
+            if step.bulk and self._pool is not None:
+                # On a worker thread: the exchange blocks, but releases the GIL on the socket.
+                try:
+                    reply = await asyncio.to_thread(self._bulk_send, step)
+                except TransportError as e:
+                    error = e
                 continue
             try:
                 reply = _response(await self._http.request(**self._request(step)))
@@ -214,6 +258,8 @@ class AsyncClient(_BaseClient):
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+        if self._pool is not None:
+            self._pool.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

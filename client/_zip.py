@@ -30,8 +30,16 @@ _MAX_32 = 0xFFFFFFFF
 
 def write(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
     """A stored zip of `(name, buffers)` members, each member the concatenation of its buffers."""
+    return b"".join(write_parts(members))
+
+
+def write_parts(
+    members: Sequence[tuple[str, Sequence[bytes | memoryview]]],
+) -> list[bytes | memoryview]:
+    """The same zip as `write`, as the list of buffers it joins: the members' own buffers are
+    in it as they are, so a sender can write them to a socket without an 8 MB join."""
     if sum(len(b) for _, bufs in members for b in bufs) >= _MAX_32:
-        return _write_zip64(members)
+        return [_write_zip64(members)]
     parts: list[bytes | memoryview] = []
     central: list[bytes] = []
     offset = 0
@@ -71,7 +79,7 @@ def write(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
         directory,
         _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0),
     ]
-    return b"".join(parts)
+    return parts
 
 
 def _write_zip64(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) -> bytes:
@@ -84,6 +92,33 @@ def _write_zip64(members: Sequence[tuple[str, Sequence[bytes | memoryview]]]) ->
     return buf.getvalue()
 
 
+class _ViewFile(io.RawIOBase):
+    """A seekable read-only file over a memoryview, copying only what is read."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        chunk = self._view[self._pos : self._pos + len(b)]
+        memoryview(b)[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
 @dataclass(frozen=True)
 class Member:
     name: str
@@ -94,9 +129,13 @@ class Member:
 class Reader:
     """The members of a zip held in memory; stored members come back as views of it."""
 
-    def __init__(self, body: bytes) -> None:
-        self.body = memoryview(body)
-        self._zip = zipfile.ZipFile(io.BytesIO(body))
+    def __init__(self, body: bytes | bytearray) -> None:
+        # Read-only views whatever the body: arrays read from it are read-only either way.
+        self.body = memoryview(body).toreadonly()
+        # BytesIO shares a bytes object's buffer but copies any other (a bytearray filled by
+        # `readinto`); zipfile only reads the directory at the end, through a view then.
+        file = io.BytesIO(body) if isinstance(body, bytes) else _ViewFile(self.body)
+        self._zip = zipfile.ZipFile(file)
         self.members = [Member(i.filename, i.file_size, i) for i in self._zip.infolist()]
 
     def read(self, member: Member, limit: int | None = None) -> memoryview | bytes:

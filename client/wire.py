@@ -303,6 +303,12 @@ def dump_npz(doc: Any) -> bytes:
 
     Members are stored uncompressed and their data is written straight from the arrays.
     """
+    return b"".join(dump_npz_parts(doc))
+
+
+def dump_npz_parts(doc: Any) -> list[bytes | memoryview]:
+    """`dump_npz` as the buffers it would join, array data as views of the arrays: for a
+    sender that writes them one by one (the client's bulk path), never copying the data."""
     members: list[tuple[str, list]] = []
 
     def lift(node: Any) -> Any:
@@ -322,7 +328,7 @@ def dump_npz(doc: Any) -> bytes:
 
     header = dumps(lift(doc))
     json_member = (_JSON_MEMBER + ".npy", _npy_buffers(np.frombuffer(header, np.uint8)))
-    return _zip.write([json_member, *members])
+    return _zip.write_parts([json_member, *members])
 
 
 def _npy_buffers(arr: np.ndarray) -> list:
