@@ -129,7 +129,7 @@ class Member:
 class Reader:
     """The members of a zip held in memory; stored members come back as views of it."""
 
-    def __init__(self, body: bytes | bytearray) -> None:
+    def __init__(self, body: bytes | bytearray | memoryview) -> None:
         # Read-only views whatever the body: arrays read from it are read-only either way.
         self.body = memoryview(body).toreadonly()
         # BytesIO shares a bytes object's buffer but copies any other (a bytearray filled by

@@ -20,10 +20,6 @@ from service.transforms import OPS, package
 
 router = APIRouter()
 
-# Bodies above this are decoded and encoded on a worker thread, so a big JSON array never
-# stalls the event loop (small ones are cheaper to do inline than to hand over).
-_INLINE_BYTES = 64 * 1024
-
 
 def state_of(request: Request) -> State:
     return request.app.state.gradserve
@@ -85,7 +81,7 @@ async def compute(request: Request, name: str, op: str) -> Response:
         def decode() -> Any:
             return prepare(model, op, codec.decode_body(body, media, settings), settings)
 
-        call = decode() if len(body) < _INLINE_BYTES else await run_in_threadpool(decode)
+        call = decode() if codec.decodes_inline(body, media) else await run_in_threadpool(decode)
         request.app.state.shape_budget.admit(call)  # 429 before a compile storm reaches a device
         decoded = time.perf_counter()
         result = state.engine.submit(call)
@@ -94,24 +90,22 @@ async def compute(request: Request, name: str, op: str) -> Response:
     fields = package(call.op, call.program, outcome.value)
     encode_start = time.perf_counter()
     result_bytes = _result_bytes(outcome.value)
-    big = answer_media == wire.NPZ or result_bytes >= _INLINE_BYTES
+    inline = codec.encodes_inline(result_bytes, answer_media)
     offload = bool(settings.json_offload_bytes) and result_bytes >= settings.json_offload_bytes
     encode = codec.encode_body
     content = (
-        await run_in_threadpool(encode, fields, answer_media, call.binary, offload)
-        if big
-        else encode(fields, answer_media, call.binary)
+        encode(fields, answer_media, call.binary)
+        if inline
+        else await run_in_threadpool(encode, fields, answer_media, call.binary, offload)
     )
     decode_s, encode_s = decoded - received, time.perf_counter() - encode_start
     metrics = state.metrics
     metrics.phases["decode"].observe(decode_s)
     metrics.phases["encode"].observe(encode_s)
     metrics.bytes_in.inc(len(body))
-    metrics.bytes_out.inc(len(content))
+    metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
-    server_timing += f', batch;desc="{outcome.batch_size}", device;desc="{outcome.device}"'
-    return Response(content, media_type=answer_media, headers={"Server-Timing": server_timing})
+    return codec.answer(content, answer_media, timings, outcome.batch_size, outcome.device)
 
 
 def _result_bytes(tree: Any) -> int:

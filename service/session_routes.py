@@ -40,8 +40,6 @@ from service.state import State
 
 router = APIRouter(tags=["sessions"])
 
-_INLINE_BYTES = 64 * 1024  # as service.routes: bigger bodies are coded off the event loop
-
 
 # ---------------------------------------------------------------------------- bodies
 
@@ -208,7 +206,7 @@ async def _serve(
         def decode() -> Call:
             return make_call(codec.decode_body(body, media, settings))
 
-        call = decode() if len(body) < _INLINE_BYTES else await run_in_threadpool(decode)
+        call = decode() if codec.decodes_inline(body, media) else await run_in_threadpool(decode)
         request.app.state.shape_budget.admit(call)
         decoded = time.perf_counter()
         result = state.engine.submit(call, device=device)
@@ -227,21 +225,19 @@ async def _respond(
     media: str,
     binary: bool,
 ) -> Response:
-    def encode() -> bytes:
+    def encode() -> codec.Body:
         if media == wire.NPZ:
-            return wire.dump_npz({**wire.npz_ready(arrays), **plain})
-        return wire.dumps({**wire.encode_tree(arrays, binary), **plain})
+            return wire.dump_npz_parts({**wire.npz_ready(arrays), **plain})
+        return [wire.dumps({**wire.encode_tree(arrays, binary), **plain})]
 
     started = time.perf_counter()
-    big = media == wire.NPZ or sum(x.nbytes for x in leaves(arrays)) >= _INLINE_BYTES
-    content = await run_in_threadpool(encode) if big else encode()
+    inline = codec.encodes_inline(sum(x.nbytes for x in leaves(arrays)), media)
+    content = encode() if inline else await run_in_threadpool(encode)
     encode_s = time.perf_counter() - started
     state.metrics.phases["encode"].observe(encode_s)
-    state.metrics.bytes_out.inc(len(content))
+    state.metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {**timings, **outcome.timings, "encode": encode_s}
-    server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
-    server_timing += f', batch;desc="{outcome.batch_size}", device;desc="{outcome.device}"'
-    return Response(content, media_type=media, headers={"Server-Timing": server_timing})
+    return codec.answer(content, media, timings, outcome.batch_size, outcome.device)
 
 
 _ERRORS = {s: {"model": Problem} for s in (400, 404, 406, 413, 415, 422, 429, 503, 504)}

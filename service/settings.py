@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     # Limits: each refused with its PROTOCOL.md status before any compute.
     max_body_bytes: int = 512 * 2**20
+    # uvicorn: bodies declaring at least this many bytes are received whole into one buffer
+    # (service/whole_body.py): no pieces, no pauses, no copies.
+    large_body_bytes: int = Field(2**20, ge=1)
     max_npz_members: int = 4096
     max_transform_depth: int = 8
     max_output_elements: int = 2**27

@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.auth import is_loopback
 from service.metrics import Metrics
 from service.settings import Settings
+from service.whole_body import BufferedFront, WholeBodyReceiver
 
 log = logging.getLogger("gradserve")
 
@@ -114,13 +115,15 @@ async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits above. One instance per connection."""
+class GuardedHttpToolsProtocol(WholeBodyReceiver, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above, receiving large bodies whole
+    (`service.whole_body`). One instance per connection."""
 
     limits: ClassVar[TransportLimits]
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._whole_body_reset()
         self._in_head = True  # bytes now arriving belong to a request's head
         self._head_bytes = 0
         self._tail = b""  # the last bytes of the head so far: "\r\n\r\n" may straddle reads
@@ -136,6 +139,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
+        self.whole_body_dropped()
         super().connection_lost(exc)
         self._gauge()
 
@@ -231,12 +235,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._expects_body():
             self._body_bytes = 0
             self._body_timer = self.loop.call_later(self.limits.body_window_s, self._check_body)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.whole_body_begin(self.headers)
 
     def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        super().on_body(body)
+        if not self.whole_body_piece(body):
+            self._body_bytes += len(body)
+            super().on_body(body)
+
+    def in_head(self) -> bool:
+        return self._in_head
+
+    def whole_body_progress(self, nbytes: int) -> None:
+        self._body_bytes += nbytes
 
     def on_message_complete(self) -> None:
+        self.whole_body_parsed()
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -347,14 +361,23 @@ _CODES = {
 }
 
 
-def protocol_class(limits: TransportLimits) -> type[GuardedHttpToolsProtocol]:
+def protocol_class(
+    limits: TransportLimits, large_body_bytes: int = 1 << 20, max_body_bytes: int = 1 << 30
+) -> type[BufferedFront]:
     """A protocol class bound to `limits`, for `uvicorn.Config(http=...)`."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+    bound = {
+        "limits": limits,
+        "large_body_bytes": large_body_bytes,
+        "max_body_bytes": max_body_bytes,
+    }
+    protocol = type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), bound)
+    return type("BufferedFront", (BufferedFront,), {"protocol_class": protocol})
 
 
 def uvicorn_options(settings: Settings, metrics: Metrics | None) -> dict[str, Any]:
     """What `uvicorn.Config` needs for these guards."""
-    return {"http": protocol_class(TransportLimits.from_settings(settings, metrics))}
+    limits = TransportLimits.from_settings(settings, metrics)
+    return {"http": protocol_class(limits, settings.large_body_bytes, settings.max_body_bytes)}
 
 
 def granian_http1_settings(settings: Settings) -> Any:

@@ -44,7 +44,7 @@ PROTOCOL_VERSION = 1.0
 router = APIRouter(include_in_schema=False)  # UM-Bridge documents its own protocol
 
 # Bodies above this are parsed and encoded on a worker thread (as on /v1).
-_INLINE_BYTES = 64 * 1024
+_INLINE_BYTES = codec.INLINE_JSON_BYTES
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -352,11 +352,7 @@ async def _compute(request: Request, op: str) -> Response:
     metrics.phases["encode"].observe(encode_s)
     metrics.bytes_out.inc(len(content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
-    server_timing += f', batch;desc="{outcome.batch_size}", device;desc="{outcome.device}"'
-    return Response(
-        content, media_type="application/json", headers={"Server-Timing": server_timing}
-    )
+    return codec.answer([content], "application/json", timings, outcome.batch_size, outcome.device)
 
 
 def _add_op_route(op: str) -> None:
