@@ -9,12 +9,15 @@ l. 32 concurrent single-sample grads of a compute-bound MLP (bench/batch_models.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import os
 import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -126,6 +129,12 @@ def _batch_metric(url: str) -> tuple[float, float]:
     return total, count
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batching(table: Table, rounds: int) -> None:
     rng = np.random.default_rng(1)
     xs = rng.standard_normal((32, 1, 784)).astype(np.float32)
@@ -150,19 +159,25 @@ def batching(table: Table, rounds: int) -> None:
         await f(xs[i % 32], ys[i % 32])
         return time.perf_counter() - t0
 
-    async def measure(on: str, off: str) -> dict[str, list[float]]:
+    async def timed_burst(fs: list[Any], pid: int, out: dict[str, list[float]], key: str) -> None:
+        cpu = _cpu_s(pid), time.process_time()
+        out[key].append(await burst(fs))
+        out[f"cpu_server_{key}"].append(_cpu_s(pid) - cpu[0])
+        out[f"cpu_clients_{key}"].append(time.process_time() - cpu[1])
+
+    async def measure(on: ServerProcess, off: ServerProcess) -> dict[str, list[float]]:
         """Both servers up at once, measured in turns, so that a change in the machine's load
         reaches both sides of each ratio alike."""
         async with contextlib.AsyncExitStack() as stack:
-            fs_on, fs_off = await clients_of(stack, on), await clients_of(stack, off)
+            fs_on, fs_off = await clients_of(stack, on.url), await clients_of(stack, off.url)
             for _ in range(3):
                 await burst(fs_on), await burst(fs_off)
-            before = _batch_metric(on)
-            out: dict[str, list[float]] = {"on": [], "off": [], "lone_on": [], "lone_off": []}
+            before = _batch_metric(on.url)
+            out: dict[str, list[float]] = collections.defaultdict(list)
             for _ in range(rounds):
-                out["on"].append(await burst(fs_on))
-                out["off"].append(await burst(fs_off))
-            after = _batch_metric(on)
+                await timed_burst(fs_on, on.proc.pid, out, "on")
+                await timed_burst(fs_off, off.proc.pid, out, "off")
+            after = _batch_metric(on.url)
             out["mean_batch"] = [(after[0] - before[0]) / (after[1] - before[1])]
             await asyncio.sleep(1.5)  # past the bursts' memory: the next requests are alone
             for i in range(rounds * 4):
@@ -176,7 +191,7 @@ def batching(table: Table, rounds: int) -> None:
         ServerProcess(*flags, env=warm) as on,
         ServerProcess(*flags, env={**warm, "GRADSERVE_MAX_BATCH_SIZE": "1"}) as off,
     ):
-        results = asyncio.run(measure(on.url, off.url))
+        results = asyncio.run(measure(on, off))
     params = jax.tree.map(np.asarray, batch_models.init(jax.random.PRNGKey(0)))
     g = jax.jit(jax.grad(batch_models.big_mlp_loss, argnums=1))
     vg = jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))
@@ -205,6 +220,21 @@ def batching(table: Table, rounds: int) -> None:
             gain / engine,
             ">= 0.8 of engine",
             gain / engine >= 0.8,
+        )
+    )
+    # Summed over the rounds: /proc counts in clock ticks (10 ms), a burst lasts ~100 ms.
+    cpu = {
+        k: sum(results[f"cpu_{k}"]) * 1e3 / (32 * rounds)
+        for k in ("server_on", "clients_on", "server_off", "clients_off")
+    }
+    table.add(
+        Row(
+            f"l. CPU per request on {os.cpu_count()} cores, batching on (off): server, clients",
+            f"{cpu['server_on']:.2f} ({cpu['server_off']:.2f}) ms, "
+            f"{cpu['clients_on']:.2f} ({cpu['clients_off']:.2f}) ms",
+            None,
+            "(reported)",
+            None,
         )
     )
     table.add(
