@@ -120,8 +120,8 @@ class Client(_BaseClient):
       api_key: sent as ``Authorization: Bearer <key>``.
       timeout: seconds one call may take in all, retries and back-off included.
       retries: how often to retry a refused connection, a 429 or a 503.
-      encoding: ``"auto"`` (JSON when small, npz when large), ``"json"``, ``"base64"`` (JSON
-        with base64 array leaves both ways) or ``"npz"``.
+      encoding: ``"auto"`` (JSON with base64 array leaves when small, npz when large),
+        ``"json"`` (plain numbers), ``"base64"`` or ``"npz"``.
       http_client: an ``httpx.Client`` to send with (its transport, hooks, limits); the caller
         closes it. Every request goes through it then.
       bulk: send exchanges with an npz body either way (24 KiB or more) over the standard

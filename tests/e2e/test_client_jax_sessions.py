@@ -39,8 +39,11 @@ def sent(c: Client, thunk: Any) -> tuple[Any, list[httpx.Request]]:
 
 
 def body(request: httpx.Request) -> dict[str, Any]:
+    """The request's fields, less `binary` (how its arrays are written, not what it asks)."""
     media = request.headers["content-type"]
-    return wire.load_npz(request.content) if media == wire.NPZ else wire.loads(request.content)
+    doc = wire.load_npz(request.content) if media == wire.NPZ else wire.loads(request.content)
+    doc.pop("binary", None)
+    return doc
 
 
 def is_session(request: httpx.Request, product: str) -> bool:

@@ -101,7 +101,7 @@ def test_chains_become_one_request_with_transforms_innermost_first() -> None:
     server = FakeServer(
         lambda r: httpx.Response(200, json={"grad": leaf(0.25), "value": leaf(1.0)})
     )
-    c = client(server)
+    c = client(server, encoding="json")  # plain numbers, to compare the body as written
     tanh, pred = c.model("tanh"), c.model("pred")
     assert float(grad(grad(grad(tanh)))(2.0)) == 0.25
     assert server.posts[-1].url.path == "/v1/models/tanh/grad"
@@ -158,7 +158,7 @@ def test_python_scalars_take_the_declared_dtype_and_tangents_their_primals() -> 
             200, json={"value": leaf(np.zeros(4)), "tangent": leaf(np.zeros(4))}
         )
     )
-    pred = client(server).model("pred")
+    pred = client(server, encoding="json").model("pred")
     jvp(pred, ([1, 2, 3], 0.5), (np.ones(3), 0))
     body = server.body()
     assert body["args"] == [leaf([1, 2, 3]), leaf(0.5)]
@@ -172,6 +172,8 @@ def test_encoding_follows_size_and_can_be_forced() -> None:
     tanh(np.zeros(4, np.float32))
     assert server.posts[-1].headers["content-type"] == wire.JSON
     assert server.posts[-1].headers["accept"] == wire.JSON
+    # Small arrays go as base64 leaves: cheaper than JSON numbers to write and to read.
+    assert server.body()["binary"] is True and "base64" in server.body()["args"][0]
     big = np.zeros(NPZ_THRESHOLD // 4 + 1, np.float32)
     tanh(big)
     assert server.posts[-1].headers["content-type"] == wire.NPZ
