@@ -164,11 +164,20 @@ def encode_body(fields: dict[str, Any], media: str, binary: bool, offload: bool 
 
 
 def answer(
-    body: Body, media: str, timings: Mapping[str, float], batch: int, device: str
+    body: Body,
+    media: str,
+    timings: Mapping[str, float],
+    batch: int,
+    device: str,
+    settings: Settings,
 ) -> Response:
     """The 200 every door sends: its body, and Server-Timing (PROTOCOL.md) with each phase."""
     server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
     server_timing += f', batch;desc="{batch}", device;desc="{device}"'
+    if settings.server == "granian" and len(body) > 1:
+        # granian writes each message as it comes, without TCP_NODELAY: the small zip
+        # directory after a large array would wait for the client's delayed ACK (~40 ms).
+        body = [b"".join(body)]
     return BuffersResponse(body, media_type=media, headers={"Server-Timing": server_timing})
 
 

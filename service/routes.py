@@ -105,7 +105,9 @@ async def compute(request: Request, name: str, op: str) -> Response:
     metrics.bytes_in.inc(len(body))
     metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    return codec.answer(content, answer_media, timings, outcome.batch_size, outcome.device)
+    return codec.answer(
+        content, answer_media, timings, outcome.batch_size, outcome.device, settings
+    )
 
 
 def _result_bytes(tree: Any) -> int:

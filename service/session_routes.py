@@ -237,7 +237,7 @@ async def _respond(
     state.metrics.phases["encode"].observe(encode_s)
     state.metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {**timings, **outcome.timings, "encode": encode_s}
-    return codec.answer(content, media, timings, outcome.batch_size, outcome.device)
+    return codec.answer(content, media, timings, outcome.batch_size, outcome.device, state.settings)
 
 
 _ERRORS = {s: {"model": Problem} for s in (400, 404, 406, 413, 415, 422, 429, 503, 504)}

@@ -352,7 +352,9 @@ async def _compute(request: Request, op: str) -> Response:
     metrics.phases["encode"].observe(encode_s)
     metrics.bytes_out.inc(len(content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    return codec.answer([content], "application/json", timings, outcome.batch_size, outcome.device)
+    return codec.answer(
+        [content], "application/json", timings, outcome.batch_size, outcome.device, settings
+    )
 
 
 def _add_op_route(op: str) -> None:
