@@ -26,6 +26,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, jax {jax.__version__}, {jax.default_backend()}"
 
 
+def gpu_note() -> str:
+    """Rows k and l run on whatever JAX's default backend is: say which, and what is missing."""
+    if jax.default_backend() == "gpu":
+        return f"Rows k and l ran on the GPU: {jax.devices()[0].device_kind}."
+    return (
+        "No GPU on this machine: rows k and l (the 1M VJP and batching) ran on the CPU, and no "
+        "GPU run is recorded. On a GPU machine, `python -m bench --only kl` measures them there."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
@@ -72,7 +82,8 @@ def main() -> None:
         path.write_text(
             f"# Benchmarks\n\n`python -m bench` on {machine()}, {stamp}.\n"
             "Client and server share the machine; each ratio is measured side by side in one run.\n\n"
-            f"{report}\n\nWhere the time goes in the missed targets: [profile.md](profile.md).\n"
+            f"{report}\n\n{gpu_note()}\n\n"
+            "Where the time goes in the missed targets: [profile.md](profile.md).\n"
         )
         print(f"\nwritten to {path.relative_to(ROOT)}", file=sys.stderr)
 
