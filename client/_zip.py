@@ -126,6 +126,19 @@ class Member:
     info: zipfile.ZipInfo
 
 
+def declared_members(body: bytes | bytearray | memoryview) -> int | None:
+    """How many members the end record of a zip says it holds, read from its last bytes
+    without parsing the directory; None where the record is not there (a comment after it,
+    zip64, not a zip)."""
+    end = memoryview(body)[-_END.size :]
+    if len(end) < _END.size:
+        return None
+    signature, *_, total, _size, _offset, comment = _END.unpack(end)
+    if signature != 0x06054B50 or comment or total == 0xFFFF:
+        return None
+    return total
+
+
 class Reader:
     """The members of a zip held in memory; stored members come back as views of it."""
 

@@ -339,8 +339,16 @@ def _npy_buffers(arr: np.ndarray) -> list:
     return [head.getvalue(), memoryview(arr).cast("B") if arr.size else b""]
 
 
+def open_npz(body: bytes | bytearray | memoryview) -> _zip.Reader:
+    """An npz body's zip directory (nothing read or inflated yet); malformed: `invalid_npz`."""
+    try:
+        return _zip.Reader(body)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise _bad(f"malformed npz: {e}", code="invalid_npz") from None
+
+
 def load_npz(
-    body: bytes | bytearray | memoryview,
+    body: bytes | bytearray | memoryview | _zip.Reader,
     *,
     max_members: int = 1024,
     max_bytes: int = 2**31,
@@ -350,12 +358,9 @@ def load_npz(
 
     Each member's declared size is checked against what is left of `max_bytes` and its npy
     header is read and checked (no objects) before a byte of its data is inflated. Arrays of
-    stored members are read-only views of `body`.
+    stored members are read-only views of `body`. `body` may be `open_npz(body)` already.
     """
-    try:
-        archive = _zip.Reader(body)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise _bad(f"malformed npz: {e}", code="invalid_npz") from None
+    archive = body if isinstance(body, _zip.Reader) else open_npz(body)
     if len(archive.members) > max_members:
         raise PayloadTooLarge(
             f"npz has {len(archive.members)} members; the limit is {max_members}",
@@ -381,14 +386,10 @@ def load_npz(
     return _resolve(loads(text), arrays)
 
 
-def npz_is_stored(body: bytes | bytearray | memoryview) -> bool:
-    """Whether every member of an npz body is stored, not deflated: decoding it then makes
-    views, with no work per byte. A body that is not a zip says True (its refusal is quick)."""
-    try:
-        members = _zip.Reader(body).members
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
-        return True
-    return all(m.info.compress_type == zipfile.ZIP_STORED for m in members)
+def npz_is_stored(archive: _zip.Reader) -> bool:
+    """Whether every member is stored, not deflated: decoding them then makes views, with no
+    work per byte."""
+    return all(m.info.compress_type == zipfile.ZIP_STORED for m in archive.members)
 
 
 def _read_member(archive: _zip.Reader, member: _zip.Member, name: str) -> np.ndarray:

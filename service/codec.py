@@ -5,17 +5,24 @@ The formats themselves live in `client.wire`; this module only chooses and appli
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from client import wire
+from client import _zip, wire
 from client.errors import InvalidInput, NotAcceptable, PayloadTooLarge
 from service import limits
 from service.json_offload import JSONOffload, offloadable
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine import Outcome
+    from service.state import State
+
+T = TypeVar("T")
 
 MEDIA_TYPES = (wire.JSON, wire.NPZ)
 # Below these sizes coding a body costs less than the thread hop that would keep it off the
@@ -23,6 +30,7 @@ MEDIA_TYPES = (wire.JSON, wire.NPZ)
 # as views (work per member, not per byte) and an npz answer costs one CRC pass (~20 GB/s).
 INLINE_JSON_BYTES = 64 * 1024
 INLINE_NPZ_BYTES = 16 * 2**20
+INLINE_NPZ_MEMBERS = 64
 # Two helper processes: two large JSON bodies at once still never wait on each other's parse.
 _offload = JSONOffload(processes=2)
 
@@ -116,11 +124,29 @@ def _too_large(size: int, limit: int, settings: Settings) -> PayloadTooLarge:
     )
 
 
-def decodes_inline(body: bytes | memoryview, media: str) -> bool:
-    """Whether decoding `body` is quick enough for the event loop itself."""
-    if media == wire.NPZ:  # a deflated member is inflated byte by byte: off the loop
-        return len(body) < INLINE_NPZ_BYTES and wire.npz_is_stored(body)
-    return len(body) < INLINE_JSON_BYTES
+async def decoded(
+    body: bytes | memoryview, media: str, settings: Settings, then: Callable[[Any], T]
+) -> T:
+    """`then(document)` for the decoded body: on the event loop where decoding is quick (small
+    JSON; a small npz of few stored members, read as views), else on a worker thread."""
+    if media == wire.NPZ:
+        archive = _inline_npz(body)
+        if archive is not None:
+            return then(decode_body(archive, media, settings))
+    elif len(body) < INLINE_JSON_BYTES:
+        return then(decode_body(body, media, settings))
+    return await run_in_threadpool(lambda: then(decode_body(body, media, settings)))
+
+
+def _inline_npz(body: bytes | memoryview) -> _zip.Reader | None:
+    """The zip directory of a body that may be decoded on the event loop, opened once for
+    the decode too; None for one that may not: large, with many members (the directory
+    alone would take long to parse), or with deflated ones (inflating is work per byte)."""
+    members = _zip.declared_members(body)
+    if len(body) >= INLINE_NPZ_BYTES or members is None or members > INLINE_NPZ_MEMBERS:
+        return None
+    archive = wire.open_npz(body)  # a malformed body: its 400, from here as from a thread
+    return archive if wire.npz_is_stored(archive) else None
 
 
 def encodes_inline(array_bytes: int, media: str) -> bool:
@@ -129,7 +155,7 @@ def encodes_inline(array_bytes: int, media: str) -> bool:
     return array_bytes < (INLINE_NPZ_BYTES if media == wire.NPZ else INLINE_JSON_BYTES)
 
 
-def decode_body(body: bytes | memoryview, media: str, settings: Settings) -> Any:
+def decode_body(body: bytes | memoryview | _zip.Reader, media: str, settings: Settings) -> Any:
     def check_json(text: bytes) -> None:
         limits.scan_json(
             text, max_depth=settings.max_json_depth, max_elements=settings.max_json_elements
@@ -164,21 +190,19 @@ def encode_body(fields: dict[str, Any], media: str, binary: bool, offload: bool 
 
 
 def answer(
-    body: Body,
-    media: str,
-    timings: Mapping[str, float],
-    batch: int,
-    device: str,
-    settings: Settings,
+    body: Body, media: str, timings: Mapping[str, float], outcome: Outcome, state: State
 ) -> Response:
-    """The 200 every door sends: its body, and Server-Timing (PROTOCOL.md) with each phase."""
+    """The 200 every door sends: its body, Server-Timing (PROTOCOL.md) with each phase, and
+    its size counted in `gradserve_bytes_total{direction="out"}`."""
     server_timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
-    server_timing += f', batch;desc="{batch}", device;desc="{device}"'
-    if settings.server == "granian" and len(body) > 1:
+    server_timing += f', batch;desc="{outcome.batch_size}", device;desc="{outcome.device}"'
+    if state.settings.server == "granian" and len(body) > 1:
         # granian writes each message as it comes, without TCP_NODELAY: the small zip
         # directory after a large array would wait for the client's delayed ACK (~40 ms).
         body = [b"".join(body)]
-    return BuffersResponse(body, media_type=media, headers={"Server-Timing": server_timing})
+    response = BuffersResponse(body, media_type=media, headers={"Server-Timing": server_timing})
+    state.metrics.bytes_out.inc(response.nbytes)
+    return response
 
 
 class BuffersResponse(Response):
@@ -189,9 +213,9 @@ class BuffersResponse(Response):
     def __init__(self, body: Body, **kwargs: Any) -> None:
         super().__init__(None, **kwargs)
         self.buffers = body
-        size = str(sum(len(b) for b in body)).encode()
+        self.nbytes = sum(len(b) for b in body)
         self.raw_headers = [h for h in self.raw_headers if h[0] != b"content-length"]
-        self.raw_headers.append((b"content-length", size))
+        self.raw_headers.append((b"content-length", str(self.nbytes).encode()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": self.status_code}

@@ -77,11 +77,9 @@ async def compute(request: Request, name: str, op: str) -> Response:
         media = codec.request_media(request)
         answer_media = codec.response_media(request, media)
         body = await codec.read_body(request, settings)
-
-        def decode() -> Any:
-            return prepare(model, op, codec.decode_body(body, media, settings), settings)
-
-        call = decode() if codec.decodes_inline(body, media) else await run_in_threadpool(decode)
+        call = await codec.decoded(
+            body, media, settings, lambda doc: prepare(model, op, doc, settings)
+        )
         request.app.state.shape_budget.admit(call)  # 429 before a compile storm reaches a device
         decoded = time.perf_counter()
         result = state.engine.submit(call)
@@ -103,11 +101,8 @@ async def compute(request: Request, name: str, op: str) -> Response:
     metrics.phases["decode"].observe(decode_s)
     metrics.phases["encode"].observe(encode_s)
     metrics.bytes_in.inc(len(body))
-    metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    return codec.answer(
-        content, answer_media, timings, outcome.batch_size, outcome.device, settings
-    )
+    return codec.answer(content, answer_media, timings, outcome, state)
 
 
 def _result_bytes(tree: Any) -> int:

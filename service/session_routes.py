@@ -202,11 +202,7 @@ async def _serve(
         media = codec.request_media(request)
         answer_media = codec.response_media(request, media)
         body = await codec.read_body(request, settings)
-
-        def decode() -> Call:
-            return make_call(codec.decode_body(body, media, settings))
-
-        call = decode() if codec.decodes_inline(body, media) else await run_in_threadpool(decode)
+        call = await codec.decoded(body, media, settings, make_call)
         request.app.state.shape_budget.admit(call)
         decoded = time.perf_counter()
         result = state.engine.submit(call, device=device)
@@ -235,9 +231,8 @@ async def _respond(
     content = encode() if inline else await run_in_threadpool(encode)
     encode_s = time.perf_counter() - started
     state.metrics.phases["encode"].observe(encode_s)
-    state.metrics.bytes_out.inc(sum(len(b) for b in content))
     timings = {**timings, **outcome.timings, "encode": encode_s}
-    return codec.answer(content, media, timings, outcome.batch_size, outcome.device, state.settings)
+    return codec.answer(content, media, timings, outcome, state)
 
 
 _ERRORS = {s: {"model": Problem} for s in (400, 404, 406, 413, 415, 422, 429, 503, 504)}

@@ -362,9 +362,10 @@ _CODES = {
 
 
 def protocol_class(
-    limits: TransportLimits, large_body_bytes: int = 1 << 20, max_body_bytes: int = 1 << 30
+    limits: TransportLimits, large_body_bytes: int, max_body_bytes: int
 ) -> type[BufferedFront]:
-    """A protocol class bound to `limits`, for `uvicorn.Config(http=...)`."""
+    """A protocol class bound to `limits` and the whole-body sizes, for
+    `uvicorn.Config(http=...)`."""
     bound = {
         "limits": limits,
         "large_body_bytes": large_body_bytes,

@@ -43,8 +43,7 @@ PROTOCOL_VERSION = 1.0
 
 router = APIRouter(include_in_schema=False)  # UM-Bridge documents its own protocol
 
-# Bodies above this are parsed and encoded on a worker thread (as on /v1).
-_INLINE_BYTES = codec.INLINE_JSON_BYTES
+# JSON bodies above codec.INLINE_JSON_BYTES are parsed and encoded on a worker thread.
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -86,7 +85,7 @@ async def _document(request: Request, settings: Settings) -> tuple[dict[str, Any
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidInput(f"malformed JSON: {e}", code="invalid_json", status=400) from None
 
-    doc = parse() if len(body) < _INLINE_BYTES else await run_in_threadpool(parse)
+    doc = parse() if len(body) < codec.INLINE_JSON_BYTES else await run_in_threadpool(parse)
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object", code="invalid_request")
     return doc, len(body)
@@ -333,7 +332,9 @@ async def _compute(request: Request, op: str) -> Response:
     # As on /v1: while this request is decoded, a worker holding others of its model may wait
     # for it to join their batch.
     with state.engine.arriving(model.name):
-        call, pick = translate() if size < _INLINE_BYTES else await run_in_threadpool(translate)
+        call, pick = (
+            translate() if size < codec.INLINE_JSON_BYTES else await run_in_threadpool(translate)
+        )
         request.app.state.shape_budget.admit(call)
         decoded = time.perf_counter()
         result = state.engine.submit(call)
@@ -344,17 +345,14 @@ async def _compute(request: Request, op: str) -> Response:
         fields = package(call.op, call.program, outcome.value)
         return _answer({"output": _output_of(op, fields, layout, pick)})
 
-    big = 24 * sum(layout.output_sizes) >= _INLINE_BYTES  # ~24 bytes a float64 in JSON
+    big = 24 * sum(layout.output_sizes) >= codec.INLINE_JSON_BYTES  # ~24 bytes a float64 in JSON
     content = await run_in_threadpool(encode) if big else encode()
     metrics = state.metrics
     decode_s, encode_s = decoded - received, time.perf_counter() - encode_start
     metrics.phases["decode"].observe(decode_s)
     metrics.phases["encode"].observe(encode_s)
-    metrics.bytes_out.inc(len(content))
     timings = {"decode": decode_s, **outcome.timings, "encode": encode_s}
-    return codec.answer(
-        [content], "application/json", timings, outcome.batch_size, outcome.device, settings
-    )
+    return codec.answer([content], "application/json", timings, outcome, state)
 
 
 def _add_op_route(op: str) -> None:

@@ -82,9 +82,7 @@ class WholeBodyReceiver:
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._whole_size:
-            if self._whole is None:  # allocated at the first read: a refused body never is
-                self._whole = np.empty(self._whole_size, np.uint8)
-            return memoryview(self._whole)[self._whole_filled :]
+            return memoryview(self._buffer())[self._whole_filled :]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -137,13 +135,16 @@ class WholeBodyReceiver:
         buffer. False where this body is not being received whole."""
         if not self._whole_size:
             return False
-        if self._whole is None:
-            self._whole = np.empty(self._whole_size, np.uint8)
         end = self._whole_filled + len(body)
-        self._whole[self._whole_filled : end] = np.frombuffer(body, np.uint8)
+        self._buffer()[self._whole_filled : end] = np.frombuffer(body, np.uint8)
         self._whole_filled = end
         self.whole_body_progress(len(body))
         return True
+
+    def _buffer(self) -> np.ndarray:
+        if self._whole is None:  # allocated when bytes come: a body refused first never is
+            self._whole = np.empty(self._whole_size, np.uint8)
+        return self._whole
 
     def whole_body_parsed(self) -> None:
         """The parser saw the whole body (it all came with the head): hand it over."""
